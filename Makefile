@@ -1,0 +1,43 @@
+# The README's two commands: `make study` (the default study end to end) and `make test`.
+# Both set everything up on a fresh machine: the Debian Fashion-MNIST package and a venv.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STUDY   ?= update_ops
+DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup study test test-fast report ui bench clean-runs
+
+setup: $(VENV)/.installed $(DATASET)
+
+$(DATASET):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	# constraints.txt pins the tested versions (torch 2.13.0: the CPU build, never a CUDA one).
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+study: setup  ## the default study on the real Fashion-MNIST, then its figures in results/
+	$(BIN)/bnlab-train study=$(STUDY)
+	$(BIN)/bnlab-report study=$(STUDY)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+report: setup
+	$(BIN)/bnlab-report
+
+ui: setup
+	$(BIN)/bnlab-ui
+
+bench: setup
+	$(BIN)/python benchmarks/bench_train.py
+
+clean-runs:  ## deletes the local MLflow store and Hydra job folders (runs/)
+	rm -rf runs
