@@ -1,0 +1,289 @@
+"""The typed configuration schema: every field, its unit and convention, and its checks.
+
+Hydra validates types and enum values when it composes; `__post_init__` checks ranges and
+cross-field rules when cli.py calls `OmegaConf.to_object` (once). Nothing below cli.py sees a DictConfig.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the field and what is allowed."""
+
+
+def _fail(key: str, allowed: str, got: Any) -> None:
+    raise ConfigError(f"{key} must be {allowed}, got {got!r}")
+
+
+class DataName(str, Enum):
+    fashion_mnist = "fashion_mnist"
+    synthetic = "synthetic"
+
+
+class ModelName(str, Enum):
+    lenet = "lenet"
+    mlp = "mlp"
+
+
+class Activation(str, Enum):
+    sigmoid = "sigmoid"
+    relu = "relu"
+
+
+class Placement(str, Enum):
+    before_act = "before_act"  # conv/linear -> BN -> activation (Ioffe & Szegedy; d2l 7.5)
+    after_act = "after_act"  # conv/linear -> activation -> BN
+    none = "none"  # no BN at all: the baseline
+
+
+class RunningVar(str, Enum):
+    unbiased = "unbiased"  # PyTorch stores var * n / (n - 1)
+    biased = "biased"  # TF/Keras/Flax store the batch variance as normalised with
+
+
+class Track(str, Enum):
+    var = "var"  # exponential average of the variance (every framework)
+    std = "std"  # exponential average of the standard deviation (the tutorial seed's variant)
+
+
+class Impl(str, Enum):
+    native = "native"  # torch.nn.functional.batch_norm where the variant allows
+    scratch = "scratch"  # plain tensor ops, as Dive into Deep Learning writes it
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class DataConfig:
+    # Which dataset: the real Fashion-MNIST, or a small deterministic synthetic image set for tests.
+    name: DataName = DataName.fashion_mnist
+    # Folder holding the four Fashion-MNIST IDX .gz files; null = $BNLAB_DATA, then Debian's
+    # /usr/share/datasets/fashion-mnist, then a checksum-verified download into the cache.
+    root: Optional[str] = None
+    # Training mini-batch size (examples). The last partial training batch is dropped.
+    batch_size: int = 256
+    # Batch size (examples) of the evaluation passes with running statistics; does not change results.
+    eval_batch_size: int = 2000
+    # Use only the first N training examples (a fixed random subset chosen by `subset_seed`); null = all.
+    train_subset: Optional[int] = None
+    # Use only the first N validation examples (fixed random subset); null = all.
+    val_subset: Optional[int] = None
+    # Seed of the fixed subsets, so every run of a study sees the same examples.
+    subset_seed: int = 0
+    # Synthetic data only: training set size (examples).
+    synthetic_train: int = 2048
+    # Synthetic data only: validation set size (examples).
+    synthetic_val: int = 512
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            _fail("data.batch_size", ">= 1", self.batch_size)
+        if self.eval_batch_size < 1:
+            _fail("data.eval_batch_size", ">= 1", self.eval_batch_size)
+        for key in ("train_subset", "val_subset"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                _fail(f"data.{key}", ">= 1 or null", v)
+        for key in ("synthetic_train", "synthetic_val"):
+            if getattr(self, key) < 1:
+                _fail(f"data.{key}", ">= 1", getattr(self, key))
+
+
+@dataclass
+class ModelConfig:
+    # Architecture: LeNet-5 as in Dive into Deep Learning 7.5 (avg pooling), or a 2-hidden-layer MLP.
+    name: ModelName = ModelName.lenet
+    # Non-linearity after every hidden layer.
+    activation: Activation = Activation.sigmoid
+    # MLP only: widths of the hidden layers.
+    hidden: List[int] = field(default_factory=lambda: [256, 128])
+
+    def __post_init__(self) -> None:
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            _fail("model.hidden", "a non-empty list of positive widths", self.hidden)
+
+
+DEFAULT_MOMENTUM = 0.1
+
+
+@dataclass
+class BNConfig:
+    # Where BN sits relative to the activation, or none (no BN anywhere).
+    placement: Placement = Placement.before_act
+    # PyTorch convention: weight of the NEW batch statistic in the running average, in [0, 1];
+    # null = cumulative average over all batches. 0 = statistics never move (stay at 0 / 1).
+    momentum: Optional[float] = DEFAULT_MOMENTUM
+    # TF/Keras/MXNet convention, an alternative to momentum: weight of the OLD value = 1 - momentum.
+    # Setting both is an error; when set, bnlab uses momentum = 1 - decay (bn.momentum_from_decay).
+    decay: Optional[float] = None
+    # false reproduces TensorFlow's missing update ops: running statistics keep their initial values.
+    update_stats: bool = True
+    # Added to the variance before the square root (numerical safety), as in every framework.
+    eps: float = 1e-5
+    # How the running variance is stored: unbiased (PyTorch) or biased (TF/Keras/Flax).
+    running_var: RunningVar = RunningVar.unbiased
+    # Average the variance (all frameworks) or the standard deviation (the tutorial seed).
+    track: Track = Track.var
+    # Learn gamma and beta (true) or fix them at 1 and 0 (d2l 7.5 exercise 5).
+    affine: bool = True
+    # Implementation: native (F.batch_norm) or from scratch (plain tensor ops).
+    impl: Impl = Impl.native
+    # Training examples used for precise-BN recalibration each epoch (val/acc_precise_bn); 0 = skip.
+    precise_samples: int = 10000
+    # Extra running averages with these momenta (PyTorch convention), updated from the same batch
+    # statistics; each epoch logs val/acc_shadow/<momentum>. Training itself is unchanged.
+    shadow_momenta: List[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.decay is not None:
+            if not 0.0 <= self.decay <= 1.0:
+                _fail("bn.decay", "in [0, 1] or null", self.decay)
+            # The schema cannot tell a default momentum from one the user typed; cli.py rejects
+            # both keys overridden together, and here a momentum other than the default is a conflict.
+            if self.momentum is not None and self.momentum != DEFAULT_MOMENTUM:
+                raise ConfigError("set bn.momentum or bn.decay, not both")
+            if self.momentum is None:
+                raise ConfigError("set bn.momentum or bn.decay, not both")
+            from bnlab.bn import momentum_from_decay
+
+            self.momentum = momentum_from_decay(self.decay)
+        if self.momentum is not None and not 0.0 <= self.momentum <= 1.0:
+            _fail("bn.momentum", "in [0, 1] or null", self.momentum)
+        if not self.eps > 0:
+            _fail("bn.eps", "> 0", self.eps)
+        if self.precise_samples < 0:
+            _fail("bn.precise_samples", ">= 0", self.precise_samples)
+        for m in self.shadow_momenta:
+            if not 0.0 <= m <= 1.0:
+                _fail("bn.shadow_momenta", "a list of values in [0, 1]", list(self.shadow_momenta))
+
+    @property
+    def enabled(self) -> bool:
+        return self.placement != Placement.none
+
+
+@dataclass
+class OptimConfig:
+    # SGD learning rate (d2l 7.5 uses 1.0 with BN).
+    lr: float = 1.0
+    # SGD (heavy-ball) momentum; unrelated to BN momentum.
+    momentum: float = 0.0
+    # L2 penalty coefficient.
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            _fail("optim.lr", "> 0", self.lr)
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("optim.momentum", "in [0, 1)", self.momentum)
+        if self.weight_decay < 0:
+            _fail("optim.weight_decay", ">= 0", self.weight_decay)
+
+
+@dataclass
+class TrainConfig:
+    # Number of passes over the training set.
+    epochs: int = 10
+    # auto = cuda when available, else cpu.
+    device: Device = Device.auto
+    # CPU threads for torch (intra-op); null = torch's default.
+    threads: Optional[int] = None
+    # Validation examples evaluated one at a time in training mode at the last epoch
+    # (val/acc_batch_stats_bs1: the batch-size-1 collapse); 0 = skip.
+    bs1_samples: int = 500
+    # Show a progress bar (only on a terminal; a line per epoch otherwise).
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            _fail("train.epochs", ">= 1", self.epochs)
+        if self.threads is not None and self.threads < 1:
+            _fail("train.threads", ">= 1 or null", self.threads)
+        if self.bs1_samples < 0:
+            _fail("train.bs1_samples", ">= 0", self.bs1_samples)
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; null = the project's SQLite store (<project>/runs/mlflow.db), whatever the
+    # working directory. Use http://127.0.0.1:PORT (bnlab-ui) for many parallel workers or clusters.
+    uri: Optional[str] = None
+    # MLflow experiment; a study sets it to the study's name.
+    experiment: str = "bnlab"
+    # The study this run belongs to (set by conf/study/*.yaml); null for a single run.
+    study: Optional[str] = None
+    # Relaunching skips a job whose config hash already has a FINISHED run in the experiment.
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.experiment:
+            _fail("tracking.experiment", "a non-empty name", self.experiment)
+
+
+@dataclass
+class Config:
+    # Seed of weights, batch order and precise-BN batches (torch.manual_seed).
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bn: BNConfig = field(default_factory=BNConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        # Cross-field: a BN training batch of one example normalises every output to beta.
+        if self.bn.enabled and self.data.batch_size < 2:
+            _fail("data.batch_size", ">= 2 when BN is used (bn.placement != none)", self.data.batch_size)
+
+
+def to_plain(cfg: Config) -> dict:
+    """The config as plain JSON-able values (enums as their string values)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Enum):
+            return v.value
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(asdict(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'bn': {'momentum': 0.1}} -> {'bn.momentum': 0.1}: MLflow params and frame columns."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """A stable hash of everything that changes a run's result (tracking settings excluded)."""
+    plain = to_plain(cfg)
+    plain.pop("tracking")
+    plain["train"].pop("progress")
+    blob = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (train.yaml lists it first in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)

@@ -1,0 +1,132 @@
+"""Config layer: every study composes and validates, every sweep key is in the schema, and every
+bad override fails before anything is written, naming the field."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bnlab import cli
+from bnlab.config import Config, ConfigError, config_hash, flatten, to_plain
+
+from conftest import cli as run_cli
+
+STUDIES = sorted(p.stem for p in (cli.conf_dir() / "study").glob("*.yaml"))
+SCHEMA_KEYS = set(flatten(to_plain(Config())))
+GROUPS = {"study", "model", "data"}  # config groups, not fields
+
+
+@pytest.fixture(autouse=True)
+def _env(home):
+    cli._prepare_env()
+
+
+def test_studies_exist():
+    assert {"smoke", "momentum", "update_ops", "batch_size", "lr", "placement", "d2l"} <= set(STUDIES)
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_study_composes_and_its_sweep_keys_exist(study):
+    text = (cli.conf_dir() / "study" / f"{study}.yaml").read_text()
+    assert text.startswith("# @package _global_"), "a study is a global diff"
+    header = text.splitlines()[1:6]
+    assert any("Question" in l for l in header) and any("bnlab-train study=" in l for l in header)
+    assert any("bnlab-report study=" in l for l in text.splitlines()[:8])
+    jobs, multirun = cli.expand_jobs([f"study={study}"])
+    assert multirun and len(jobs) >= 2
+    for job in jobs:
+        for o in job:
+            key = o.split("=", 1)[0]
+            if key in GROUPS:
+                continue
+            assert key in SCHEMA_KEYS, f"{study}: sweep key {key} is not in the schema"
+        cfg = cli.validate_job(job)
+        assert isinstance(cfg, Config)
+        assert cfg.tracking.experiment == study and cfg.tracking.study == study
+    hashes = {config_hash(cli.validate_job(j)) for j in jobs}
+    assert len(hashes) == len(jobs), "every grid point must have its own config hash"
+
+
+def test_study_grid_sizes():
+    assert len(cli.expand_jobs(["study=momentum"])[0]) == 9
+    assert len(cli.expand_jobs(["study=update_ops"])[0]) == 6
+    # the command line adds an axis to a study
+    assert len(cli.expand_jobs(["study=update_ops", "bn.momentum=0.01,0.1"])[0]) == 12
+    # and overrides one of its axes
+    assert len(cli.expand_jobs(["study=update_ops", "seed=5"])[0]) == 2
+
+
+def test_defaults_match_d2l():
+    cfg = cli.validate_job([])
+    assert (cfg.model.name.value, cfg.model.activation.value, cfg.bn.placement.value) == ("lenet", "sigmoid", "before_act")
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.train.epochs) == (1.0, 256, 10)
+    assert cfg.data.name.value == "fashion_mnist" and cfg.bn.momentum == 0.1
+
+
+def test_overrides_reach_the_dataclass():
+    cfg = cli.validate_job(["bn.momentum=0.01", "data.batch_size=32", "optim.lr=0.1",
+                            "bn.placement=after_act", "model.activation=relu", "bn.momentum=null"])
+    assert cfg.bn.momentum is None and cfg.data.batch_size == 32 and cfg.optim.lr == 0.1
+    assert cfg.bn.placement.value == "after_act" and cfg.model.activation.value == "relu"
+
+
+def test_decay_converts_to_momentum():
+    cfg = cli.validate_job(["bn.decay=0.9"])
+    assert cfg.bn.momentum == pytest.approx(0.1, abs=1e-15) and cfg.bn.decay == 0.9
+    assert cli.validate_job(["bn.decay=0.999"]).bn.momentum == pytest.approx(0.001)
+
+
+BAD = [
+    (["bn.foo=1"], "bn.foo"),
+    (["+bn.foo=1"], "bn.foo"),
+    (["data.batch_size=abc"], "data.batch_size"),
+    (["bn.placement=middle"], "bn.placement"),
+    (["bn.momentum=1.5"], "bn.momentum"),
+    (["bn.momentum=-0.1"], "bn.momentum"),
+    (["bn.momentum=0.2", "bn.decay=0.9"], "bn.decay"),
+    (["data.batch_size=1"], "data.batch_size"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["train.epochs=0"], "train.epochs"),
+    (["model.activation=tanh"], "model.activation"),
+    (["data.name=mnist"], "data.name"),
+    (["bn.shadow_momenta=[0.1,2]"], "bn.shadow_momenta"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD)
+def test_bad_override_names_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        cli.preflight(overrides)
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg
+
+
+def test_bad_sweep_value_is_caught_before_any_job():
+    with pytest.raises(ConfigError, match="bn.momentum"):
+        cli.preflight(["-m", "bn.momentum=0.1,0.5,7"])
+
+
+def test_batch_size_one_is_fine_without_bn():
+    assert cli.validate_job(["data.batch_size=1", "bn.placement=none"]).data.batch_size == 1
+
+
+def test_cli_bad_input_exits_with_one_line_and_writes_nothing(home):
+    for args, field in [(["bn.placement=middle"], "bn.placement"), (["bn.momentum=1.5"], "bn.momentum"),
+                        (["data.root=" + str(home)], "data.root"), (["train.epochs=0"], "train.epochs")]:
+        r = run_cli("bnlab-train", *args, home=home, timeout=120)
+        assert r.returncode == 2, r.stderr
+        lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("WARN")]
+        assert len(lines) == 1 and field in lines[0], r.stderr
+        assert not (home / "runs").exists(), "bad input must write nothing"
+
+
+def test_schema_fields_are_documented():
+    """The schema is the documentation: one comment above every field."""
+    src = (Path(cli.__file__).parent / "config.py").read_text().splitlines()
+    for cls in [c for c in vars(__import__("bnlab.config", fromlist=["x"])).values()
+                if dataclasses.is_dataclass(c) and c.__name__.endswith("Config") and c is not Config]:
+        for f in dataclasses.fields(cls):
+            idx = next(i for i, l in enumerate(src) if l.strip().startswith(f"{f.name}:"))
+            assert src[idx - 1].strip().startswith("#"), f"{cls.__name__}.{f.name} has no comment"
