@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 from hydra.experimental.callback import Callback
 
 from bnlab.config import Config, config_hash
-from bnlab.tracking import TAG, MlflowTracker, client, ensure_experiment, pid_alive, resolve_uri
+from bnlab.tracking import TAG, MlflowTracker, client, ensure_experiment, git_info, pid_alive, resolve_uri
 
 log = logging.getLogger("bnlab")
 PARENT_FILE = ".bnlab_parent_run"
@@ -97,7 +97,7 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
         done = finished_run(uri, exp, h)
         if done:
             return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done}")
-    tags = {TAG + "overrides": " ".join(overrides) or "(none)", TAG + "role": "job"}
+    tags = {TAG + "overrides": " ".join(overrides) or "(none)", TAG + "role": "job", **git_info()}
     if cfg.tracking.study:
         tags[TAG + "study"] = cfg.tracking.study
     parent = None
