@@ -278,6 +278,7 @@ def config_hash(cfg: Config) -> str:
     plain = to_plain(cfg)
     plain.pop("tracking")
     plain["train"].pop("progress")
+    plain["train"].pop("threads")  # changes speed, not results
     blob = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

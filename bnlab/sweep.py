@@ -21,7 +21,9 @@ PARENT_FILE = ".bnlab_parent_run"
 
 def run_name(overrides: List[str]) -> str:
     """A readable run name from the job's overrides (MLflow's random names say nothing)."""
-    keep = [o for o in overrides if not o.startswith(("hydra", "tracking.", "study="))]
+    # Settings that change neither the result nor the question stay out of the name.
+    keep = [o for o in overrides if not o.startswith(("hydra", "tracking.", "study=", "train.threads=",
+                                                        "train.progress="))]
     return ",".join(keep)[:250] or "default"
 
 

@@ -24,7 +24,7 @@ def test_single_run_logs_everything(home, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "data=synthetic,train.epochs=2,train.threads=1,bn.momentum=0.3,bn.shadow_momenta=[0.01,0.5]"
+    assert run.info.run_name == "data=synthetic,train.epochs=2,bn.momentum=0.3,bn.shadow_momenta=[0.01,0.5]"
     expected = EPOCH_METRICS | {"val/acc_shadow/0.01", "val/acc_shadow/0.5", "val/acc_batch_stats_bs1"}
     assert set(run.data.metrics) == expected
     for key in expected - {"val/acc_batch_stats_bs1"}:

@@ -39,7 +39,7 @@ def test_smoke_sequential_groups_runs_and_resume_skips_finished(home):
     assert sorted(k.data.tags["bnlab.job"] for k in kids) == ["0", "1", "2", "3"]
     assert {k.data.tags["bnlab.study"] for k in kids} == {"smoke"}
     assert {k.data.tags["bnlab.seed"] for k in kids} == {"0", "1"}
-    assert {k.info.run_name for k in kids} == {f"bn.update_stats={u},seed={s},train.threads=1"
+    assert {k.info.run_name for k in kids} == {f"bn.update_stats={u},seed={s}"
                                                for u in ("True", "False") for s in (0, 1)}
     # relaunch: every grid point already has a FINISHED run, so nothing is trained again
     r2 = cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
