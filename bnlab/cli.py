@@ -202,7 +202,9 @@ def ui_main(argv: Optional[Sequence[str]] = None) -> None:
            "--artifacts-destination", str(artifact_root()), "--host", a.host, "--port", str(a.port),
            "--workers", str(a.workers)]
     print(f"bnlab-ui: MLflow UI on http://{a.host}:{a.port} over {store} (Ctrl-C stops it)", flush=True)
+    # MLflow 3.x servers start a pool of GenAI job workers by default: seconds of CPU for nothing here.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     try:
-        sys.exit(subprocess.call(cmd))
+        sys.exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:
         sys.exit(130)

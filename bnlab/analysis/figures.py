@@ -1,0 +1,661 @@
+"""Report figures as pure functions: frames from analysis/runs.py in, a matplotlib Figure out (no
+MLflow, no files, no pyplot state). Seeds are averaged with a 95% t-interval band (none for n=1);
+failed/running runs are left out and counted in a footnote; diverged runs are marked, never dropped."""
+from __future__ import annotations
+
+import math
+import textwrap
+from functools import lru_cache
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+
+CHANCE = 0.1  # 10 classes: Fashion-MNIST and the synthetic set
+FINAL = "final/"
+SHADOW = "final/val/acc_shadow/"
+RUN_COLUMNS = {"run_id", "run_name", "experiment", "study", "status", "role", "diverged", "diverged_epoch",
+               "parent_run_id", "config_hash", "git_commit", "git_dirty", "error", "start_time", "end_time",
+               "metric", "step", "value", "momentum_source"}
+# Params that never define a config group: the seed is what is averaged over; the rest are where
+# and how a run was executed, not what it computed.
+# bn.shadow_momenta only adds metrics (training is unchanged), so it does not split groups either.
+NOT_CONFIG = {"seed", "data.root", "data.eval_batch_size", "train.device", "train.threads", "train.progress",
+              "tracking.uri", "tracking.experiment", "tracking.study", "tracking.resume", "bn.shadow_momenta"}
+COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+          "tab:gray", "tab:olive", "tab:cyan"]
+PLACEMENT_LABEL = {"before_act": "BN before activation", "after_act": "BN after activation", "none": "no BN"}
+PLACEMENT_COLOR = {"before_act": "tab:blue", "after_act": "tab:orange", "none": "tab:gray"}
+ACC = "accuracy (fraction correct)"
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def _t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer df, in closed form (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:  # odd: 2/pi [theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)]
+        if df == 1:
+            return 2 * theta / math.pi
+        term, total = 1.0, 1.0
+        for k in range(1, (df - 3) // 2 + 1):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        return 2 / math.pi * (theta + s * math.cos(theta) * total)
+    term, total = 1.0, 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+    for k in range(1, (df - 2) // 2 + 1):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+@lru_cache(maxsize=None)
+def t_quantile(p: float, df: int) -> float:
+    """Student-t quantile for p > 0.5 and integer df (no scipy): bisection on the closed-form CDF."""
+    if df < 1:
+        return float("nan")
+    target, lo, hi = 2 * p - 1, 0.0, 1.0
+    while _t_central(hi, df) < target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, df) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Iterable[float], level: float = 0.95) -> Tuple[float, float, int]:
+    """(mean, half-width of the t-interval, n) over the finite values; half-width NaN for n < 2."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    if n == 1:
+        return float(v[0]), float("nan"), 1
+    half = t_quantile(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)
+    return float(v.mean()), float(half), n
+
+
+def _hashable(s: pd.Series) -> pd.Series:
+    return s.map(lambda v: tuple(v) if isinstance(v, list) else v) if s.dtype == object else s
+
+
+def aggregate(df: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
+    """Mean, 95% CI half-width and n of `value` per group of `by` (nulls are a group: bn.momentum
+    NaN = cumulative). Non-finite values are not averaged."""
+    if df.empty:
+        return pd.DataFrame(columns=[*by, "mean", "ci", "n"])
+    d = df[list(by)].apply(_hashable).assign(_v=df[value].astype(float).where(np.isfinite(df[value].astype(float))))
+    g = d.groupby(list(by), dropna=False, sort=True)["_v"].agg(["mean", "std", "count"]).reset_index()
+    t = g["count"].map(lambda n: t_quantile(0.975, int(n) - 1) if n >= 2 else float("nan"))
+    g["ci"] = t * g["std"] / np.sqrt(g["count"].clip(lower=1))
+    g = g.rename(columns={"count": "n"}).drop(columns="std")
+    g["n"] = g["n"].astype(int)
+    return g[g["n"] > 0].reset_index(drop=True)
+
+
+def param_columns(df: pd.DataFrame) -> List[str]:
+    return [c for c in df.columns if c not in RUN_COLUMNS and not c.startswith((FINAL, "tags."))]
+
+
+def varying(df: pd.DataFrame, exclude: Iterable[str] = ()) -> List[str]:
+    """Config params that take more than one value (seed and execution settings excluded)."""
+    skip = set(exclude) | NOT_CONFIG
+    out = []
+    for c in param_columns(df):
+        if c in skip:
+            continue
+        if _hashable(df[c]).nunique(dropna=False) > 1:
+            out.append(c)
+    return out
+
+
+def split_runs(runs: pd.DataFrame) -> Tuple[pd.DataFrame, Dict[str, int], int]:
+    """(usable runs: FINISHED and not diverged, {status: count} of runs left out, n diverged)."""
+    if runs.empty or "status" not in runs:
+        return runs, {}, 0
+    finished = runs["status"].eq("FINISHED")
+    diverged = runs["diverged"].astype(bool) if "diverged" in runs else pd.Series(False, index=runs.index)
+    left = runs.loc[~finished, "status"].value_counts().to_dict()
+    counts = {str(k): int(v) for k, v in sorted(left.items())}
+    return runs[finished & ~diverged], counts, int((finished & diverged).sum())
+
+
+def left_out_text(left: Dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in left.items())
+
+
+def _run_level(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run from a runs or curves frame (for the footnote counts)."""
+    return frame.drop_duplicates("run_id") if "metric" in frame else frame
+
+
+def _notes(frame: pd.DataFrame, diverged_how: str, pooled: Sequence[str] = ()) -> List[str]:
+    _, left, n_div = split_runs(_run_level(frame))
+    notes = []
+    if left:
+        notes.append(f"left out: {left_out_text(left)} run(s)")
+    if n_div:
+        notes.append(f"{n_div} diverged run(s) {diverged_how}")
+    if pooled:
+        notes.append("pooled over " + ", ".join(pooled))
+    return notes
+
+
+def shadow_momenta(runs: pd.DataFrame) -> List[float]:
+    return sorted(float(c[len(SHADOW):]) for c in runs.columns if c.startswith(SHADOW))
+
+
+def shadow_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs with val/acc_shadow/<m> metrics -> one row per effective momentum: the run's own row
+    (momentum_source 'run') plus, per shadow m, a copy with bn.momentum = m, final/val/acc = the
+    shadow's accuracy and final/gap/acc = final/train/acc - it (momentum does not change training,
+    so the train accuracy is shared). A shadow equal to the run's own momentum is not duplicated."""
+    base = runs.assign(momentum_source="run")
+    parts = [base]
+    for m in shadow_momenta(runs):
+        col = f"{SHADOW}{m:g}"
+        if col not in runs:  # the metric name is f"{m:g}"; the parsed float prints the same
+            col = next(c for c in runs.columns if c.startswith(SHADOW) and float(c[len(SHADOW):]) == m)
+        has = runs[col].notna() & ~np.isclose(runs["bn.momentum"].astype(float).fillna(-1.0), m)
+        if not has.any():
+            continue
+        s = runs[has].copy()
+        s["bn.momentum"] = m
+        s[FINAL + "val/acc"] = s[col]
+        if FINAL + "train/acc" in s:
+            s[FINAL + "gap/acc"] = s[FINAL + "train/acc"] - s[col]
+        s["momentum_source"] = "shadow"
+        parts.append(s)
+    return pd.concat(parts, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------ drawing helpers
+
+def fmt_value(v) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "None"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v)).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def momentum_label(m: float) -> str:
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "None (cumulative)"
+    if m == 0:
+        return "0 (never updated)"
+    return f"{m:g} (decay {1 - m:g})"
+
+
+def group_label(row, cols: Sequence[str]) -> str:
+    if not cols:
+        return "all runs"
+    parts = []
+    for c in cols:
+        v = row[c]
+        parts.append(f"momentum {momentum_label(v)}" if c == "bn.momentum" else f"{c}={fmt_value(v)}")
+    return ", ".join(parts)
+
+
+def _band(ax, x, mean, ci, label: str, color, marker: str = "o", ls: str = "-", zorder: int = 2):
+    x, mean, ci = np.asarray(x, float), np.asarray(mean, float), np.asarray(ci, float)
+    order = np.argsort(x)
+    x, mean, ci = x[order], mean[order], ci[order]
+    (line,) = ax.plot(x, mean, marker=marker, ls=ls, color=color, label=label, ms=4, zorder=zorder)
+    ok = np.isfinite(ci)
+    if ok.any():
+        ax.fill_between(x, np.where(ok, mean - ci, mean), np.where(ok, mean + ci, mean),
+                        color=color, alpha=0.2, lw=0, zorder=zorder - 1)
+    return line
+
+
+def _new(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.8, **kw):
+    fig = Figure(figsize=(width * ncols + 2.2, height * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _finish(fig: Figure, title: str, notes: Sequence[str] = (), legend_axes=None) -> Figure:
+    # Left-aligned and wrapped to the figure's width: clear of the legend column on the right.
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 7.5)), fontsize=11, x=0.01, ha="left")
+    handles, labels, seen = [], [], set()
+    for ax in (legend_axes if legend_axes is not None else fig.axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in seen and not lab.startswith("_"):
+                seen.add(lab)
+                handles.append(h)
+                labels.append(lab)
+    if handles:  # outside the axes: a legend never hides data
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    if notes:
+        fig.supxlabel("; ".join(notes), fontsize=8, color="0.3", x=0.01, ha="left")
+    return fig
+
+
+def _empty(title: str, why: str, notes: Sequence[str] = ()) -> Figure:
+    fig, axes = _new()
+    ax = axes[0, 0]
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return _finish(fig, title, notes)
+
+
+def _chance(ax, label: bool = True):
+    ax.axhline(CHANCE, color="0.5", ls=":", lw=1, label="chance (10 classes)" if label else "_chance")
+
+
+def _epoch_axis(ax):
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _log_ticks(ax, values: Sequence[float], base: int = 10):
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(sorted(set(values)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _usable_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    if curves.empty:
+        return curves
+    return curves[curves["status"].eq("FINISHED") & ~curves["diverged"].astype(bool)]
+
+
+def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], colors=None, ls="-"):
+    sub = curves[curves["metric"] == metric]
+    if sub.empty:
+        return
+    agg = aggregate(sub, [*groups, "step"], "value")
+    keys = agg[list(groups)].drop_duplicates() if groups else pd.DataFrame(index=[0])
+    for i, (_, key) in enumerate(keys.iterrows()):
+        g = agg
+        for c in groups:
+            g = g[_same(g[c], key[c])]
+        color = (colors or {}).get(i, COLORS[i % len(COLORS)])
+        _band(ax, g["step"], g["mean"], g["ci"], group_label(key, groups), color, ls=ls)
+
+
+def _same(col: pd.Series, v) -> pd.Series:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return col.isna()
+    return col.map(lambda x: x == v)
+
+
+# ------------------------------------------------------------------------------ figures
+
+UPDATE_OPS_METRICS = [
+    ("train/acc", "train/acc (training mode, running average over the epoch)", "black", "--", "s"),
+    ("val/acc", "val/acc, eval mode with the running statistics", "tab:red", "-", "o"),
+    ("val/acc_precise_bn", "val/acc with precise BN (statistics recomputed)", "tab:green", "-", "D"),
+    ("val/acc_batch_stats", "val/acc with batch statistics (training mode)", "tab:blue", ":", "^"),  # dotted, on top
+]
+
+
+def fig_update_ops(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> Figure:
+    """Good training, bad validation, shown and fixed: per epoch, train/acc, eval-mode val/acc
+    (running statistics), val/acc with batch statistics and with precise BN, one panel for
+    bn.update_stats=true and one for false (the missing update ops). Mean and 95% CI over seeds.
+    `runs` (optional) lets the footnote also count runs that logged no point at all."""
+    title = "Missing BN update ops: training accuracy is fine, eval-mode validation fails; precise BN repairs it"
+    ok = _usable_curves(curves)
+    notes = _notes(curves if runs is None else runs, "not averaged")
+    if ok.empty or "bn.update_stats" not in ok:
+        return _empty(title, "no finished runs", notes)
+    values = sorted(ok["bn.update_stats"].dropna().unique(), reverse=True)
+    pooled = varying(ok.drop_duplicates("run_id"), exclude=["bn.update_stats"])
+    fig, axes = _new(len(values), sharey=True)
+    for ax, v in zip(axes[0], values):
+        sub = ok[ok["bn.update_stats"] == v]
+        for metric, label, color, ls, marker in UPDATE_OPS_METRICS:
+            agg = aggregate(sub[sub["metric"] == metric], ["step"], "value")
+            if not agg.empty:
+                _band(ax, agg["step"], agg["mean"], agg["ci"], label, color, marker, ls)
+        _chance(ax)
+        n = sub["run_id"].nunique()
+        ax.set_title(f"bn.update_stats={str(bool(v)).lower()}: "
+                     + ("statistics updated" if v else "statistics never updated") + f" (n={n} seeds)", fontsize=9)
+        _epoch_axis(ax)
+        ax.set_ylim(0, 1.02)
+    axes[0, 0].set_ylabel(ACC)
+    return _finish(fig, title, notes + (["pooled over " + ", ".join(pooled)] if pooled else []))
+
+
+_SPECIAL = [(0, "0\nnever\nupdated", lambda s: s.eq(0)), (1, "None\ncumu-\nlative", lambda s: s.isna())]
+
+
+def _special_axis(ax, pts: pd.DataFrame, value: str, bsizes, colors, diverged: pd.DataFrame):
+    """Momentum 0 (statistics never move) and None (cumulative average) cannot sit on a log axis:
+    they get their own categorical panel left of the break."""
+    ax.set_label("special-momenta")
+    cats = _SPECIAL
+    for x, _, sel in cats:
+        k = int(sel(diverged["bn.momentum"]).sum()) if not diverged.empty else 0
+        if k and value == FINAL + "val/acc":
+            ax.plot([x], [CHANCE], "x", color="k", ms=9, mew=2, label="diverged: run (x, count)")
+            ax.annotate(str(k), (x, CHANCE), textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7)
+    for i, b in enumerate(bsizes):
+        sub = pts[pts["data.batch_size"] == b]
+        for x, _, sel in cats:
+            s = sub[sel(sub["bn.momentum"])]
+            if s.empty:
+                continue
+            m, ci, n = mean_ci(s[value])
+            ax.errorbar([x + (i - (len(bsizes) - 1) / 2) * 0.12], [m], yerr=[[ci if np.isfinite(ci) else 0]],
+                        fmt="o", color=colors[i], ms=5, capsize=3, label=f"_special {b}")
+    ax.set_xticks([x for x, _, _ in cats], [lab for _, lab, _ in cats], fontsize=7)
+    ax.set_xlim(-0.6, 1.6)
+    ax.spines["right"].set_visible(False)
+
+
+def _break_marks(ax_left, ax_right):
+    kw = dict(marker=[(-1, -1), (1, 1)], markersize=8, linestyle="none", color="k", mec="k", mew=1, clip_on=False)
+    ax_left.plot([1, 1], [0, 1], transform=ax_left.transAxes, **kw)
+    ax_right.plot([0, 0], [0, 1], transform=ax_right.transAxes, **kw)
+
+
+def fig_momentum(runs: pd.DataFrame, shadows: bool = True) -> Figure:
+    """Final eval-mode val/acc and the train-val gap vs BN momentum (PyTorch convention, log axis;
+    TF/Keras decay = 1 - momentum on the top axis), one line per training batch size, mean and 95%
+    CI over seeds. Momentum 0 (never updated) and None (cumulative) sit in a panel left of the
+    break. With shadows=True, every val/acc_shadow/<m> metric of a run is a point at momentum m."""
+    title = "BN momentum: too small a momentum leaves stale statistics (low eval-mode val/acc, large gap)"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "marked x at chance")
+    if ok.empty or "bn.momentum" not in ok:
+        return _empty(title, "no finished runs", notes)
+    pts = shadow_rows(ok) if shadows else ok.assign(momentum_source="run")
+    if shadows and (pts["momentum_source"] == "shadow").any():
+        notes.append("points from shadow running averages (val/acc_shadow/<m>) of the same runs")
+    bsizes = sorted(pts["data.batch_size"].dropna().unique())
+    colors = [COLORS[i % len(COLORS)] for i in range(len(bsizes))]
+    fig = Figure(figsize=(9.5, 7.2), layout="constrained")
+    gs = fig.add_gridspec(2, 2, width_ratios=[1, 5], wspace=0.02)
+    rows = [(FINAL + "val/acc", "final val/acc, eval mode"), (FINAL + "gap/acc", "gap = train/acc − val/acc")]
+    positive = sorted(m for m in pts["bn.momentum"].dropna().unique() if m > 0)
+    diverged = runs[runs["status"].eq("FINISHED") & runs["diverged"].astype(bool)]
+    for r, (value, ylabel) in enumerate(rows):
+        ax = fig.add_subplot(gs[r, 1])
+        axl = fig.add_subplot(gs[r, 0], sharey=ax)
+        if value not in pts:
+            continue
+        for i, b in enumerate(bsizes):
+            sub = pts[(pts["data.batch_size"] == b) & (pts["bn.momentum"] > 0)]
+            agg = aggregate(sub, ["bn.momentum"], value)
+            n = aggregate(pts[pts["data.batch_size"] == b], ["bn.momentum"], value)["n"]
+            seeds = f"n={n.min()}" if n.min() == n.max() else f"n={n.min()}–{n.max()}"
+            if not agg.empty:
+                _band(ax, agg["bn.momentum"], agg["mean"], agg["ci"], f"batch size {b:g} ({seeds} seeds per point)",
+                      colors[i])
+        _special_axis(axl, pts, value, bsizes, colors, diverged)
+        if r == 0:
+            _chance(ax)
+            _x_diverged(ax, diverged[diverged["bn.momentum"] > 0], "bn.momentum", "k", "run (x, count)")
+        if positive:
+            _log_ticks(ax, positive)
+        ax.tick_params(labelleft=False)
+        ax.spines["left"].set_visible(False)
+        axl.set_ylabel(ylabel)
+        ax.set_xlabel("bn.momentum (PyTorch: weight of the new batch statistic)")
+        _break_marks(axl, ax)
+        if r == 0 and positive:
+            sec = ax.secondary_xaxis("top", functions=(lambda x: x, lambda x: x))
+            sec.set_xticks(positive)
+            sec.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{1 - v:g}"))
+            sec.xaxis.set_minor_locator(NullLocator())
+            sec.set_xlabel("TF/Keras decay = 1 − momentum")
+    return _finish(fig, title, notes)
+
+
+def momentum_order(values: Iterable[float]) -> List[float]:
+    """0 first, positive momenta ascending, None (cumulative, NaN) last."""
+    vals = list(values)
+    nan = [v for v in vals if v is None or (isinstance(v, float) and math.isnan(v))]
+    real = sorted({float(v) for v in vals if not (v is None or (isinstance(v, float) and math.isnan(v)))})
+    return real + ([float("nan")] if nan else [])
+
+
+def fig_momentum_heatmap(runs: pd.DataFrame, value: str = FINAL + "gap/acc", shadows: bool = True) -> Figure:
+    """Heatmap of the train-val gap (default; any final/ metric via `value`) over BN momentum
+    (rows, with the TF/Keras decay) x training batch size (columns): mean over seeds, with the
+    mean, 95% CI and n written in each cell."""
+    title = "Train−val gap by BN momentum and batch size: the gap grows where statistics are stale"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "left out of the means")
+    if ok.empty or "bn.momentum" not in ok or value not in ok:
+        return _empty(title, "no finished runs", notes)
+    pts = shadow_rows(ok) if shadows else ok
+    agg = aggregate(pts, ["bn.momentum", "data.batch_size"], value)
+    moms = momentum_order(agg["bn.momentum"])
+    bss = sorted(agg["data.batch_size"].unique())
+    grid = np.full((len(moms), len(bss)), np.nan)
+    text = [["–"] * len(bss) for _ in moms]
+    for _, r in agg.iterrows():
+        i = next(k for k, m in enumerate(moms)
+                 if (math.isnan(m) and pd.isna(r["bn.momentum"])) or m == r["bn.momentum"])
+        j = bss.index(r["data.batch_size"])
+        grid[i, j] = r["mean"]
+        ci = f"\n±{r['ci']:.3f}" if np.isfinite(r["ci"]) else ""
+        text[i][j] = f"{r['mean']:.3f}{ci}\nn={int(r['n'])}"
+    fig = Figure(figsize=(1.3 * len(bss) + 4.2, 0.62 * len(moms) + 2.2), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    finite = grid[np.isfinite(grid)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i in range(len(moms)):
+        for j in range(len(bss)):
+            light = np.isfinite(grid[i, j]) and grid[i, j] < mid
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="white" if light else "black")
+    ax.set_xticks(range(len(bss)), [f"{b:g}" for b in bss])
+    ax.set_yticks(range(len(moms)), [momentum_label(m) for m in moms], fontsize=8)
+    ax.set_xlabel("training batch size (examples)")
+    ax.set_ylabel("bn.momentum (TF/Keras decay)")
+    fig.colorbar(im, ax=ax, label=value.replace(FINAL, "final ") + (" (train/acc − val/acc)" if "gap" in value else ""))
+    return _finish(fig, title, notes)
+
+
+def _x_diverged(ax, runs: pd.DataFrame, xcol: str, color, label: str, jitter: float = 1.0, row: int = 0):
+    """An 'x' at the chance line for every x where runs diverged, with the count below it (one
+    row of counts per variant, so that variants at the same x stay readable)."""
+    d = runs[runs["status"].eq("FINISHED") & runs["diverged"].astype(bool)]
+    if d.empty:
+        return
+    counts = d.groupby(xcol).size()
+    xs = np.asarray(counts.index, float) * jitter
+    ax.plot(xs, [CHANCE] * len(xs), "x", color=color, ms=9, mew=2, ls="none", label=f"diverged: {label}")
+    for x, c in zip(xs, counts.to_numpy()):
+        ax.annotate(str(c), (x, CHANCE), textcoords="offset points", xytext=(0, -12 - 9 * row), ha="center",
+                    fontsize=7, color=color)
+
+
+def fig_batch_size(runs: pd.DataFrame) -> Figure:
+    """Final val/acc vs training batch size (log2 axis): with BN, evaluated with the running
+    statistics (eval mode), with batch statistics and with precise BN; without BN (eval mode).
+    Right panel: batch statistics from ONE example per batch (val/acc_batch_stats_bs1) collapse to
+    chance whatever the training batch size. Mean and 95% CI over seeds."""
+    title = "Batch size: running, batch and precise-BN statistics; batch statistics of one example collapse"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "marked x at chance")
+    if ok.empty or "data.batch_size" not in ok:
+        return _empty(title, "no finished runs", notes)
+    pooled = varying(ok, exclude=["data.batch_size", "bn.placement"])
+    with_bn, no_bn = ok[ok["bn.placement"] != "none"], ok[ok["bn.placement"] == "none"]
+    fig, axes = _new(2, sharey=True)
+    ax, ax1 = axes[0]
+    series = [(with_bn, "val/acc", "BN, running statistics (eval mode)", "tab:red", "o", "-"),
+              (with_bn, "val/acc_batch_stats", "BN, batch statistics (training mode)", "tab:blue", "^", ":"),
+              (with_bn, "val/acc_precise_bn", "BN, precise BN", "tab:green", "D", "-"),
+              (no_bn, "val/acc", "no BN (eval mode)", "tab:gray", "s", "--")]
+    for frame, metric, label, color, marker, ls in series:
+        col = FINAL + metric
+        if frame.empty or col not in frame or frame[col].notna().sum() == 0:
+            continue
+        agg = aggregate(frame, ["data.batch_size"], col)
+        _band(ax, agg["data.batch_size"], agg["mean"], agg["ci"], label, color, marker, ls)
+    for k, (pl, frame) in enumerate(runs.groupby("bn.placement")):
+        _x_diverged(ax, frame, "data.batch_size", PLACEMENT_COLOR.get(pl, "k"), PLACEMENT_LABEL.get(pl, pl),
+                    jitter=1.12 ** k, row=k)
+    col = FINAL + "val/acc_batch_stats_bs1"
+    if col in with_bn and with_bn[col].notna().any():
+        agg = aggregate(with_bn, ["data.batch_size"], col)
+        _band(ax1, agg["data.batch_size"], agg["mean"], agg["ci"],
+              "BN, batch statistics of ONE example (train mode, batch size 1 at test)", "tab:purple", "v", "-")
+    else:
+        ax1.text(0.5, 0.5, "val/acc_batch_stats_bs1 not logged", ha="center", transform=ax1.transAxes)
+    bss = sorted(ok["data.batch_size"].unique())
+    for a in (ax, ax1):
+        _chance(a)
+        _log_ticks(a, bss, base=2)
+        a.set_xlabel("training batch size (examples, log2)")
+        a.set_ylim(0, 1.02)
+    ax.set_ylabel("final val/acc")
+    ax.set_title("test with running / batch / precise statistics", fontsize=9)
+    ax1.set_title("test in training mode, one example per batch", fontsize=9)
+    return _finish(fig, title, notes + (["pooled over " + ", ".join(pooled)] if pooled else []))
+
+
+def _variant(placement: str) -> str:
+    return "without BN" if placement == "none" else f"with BN ({placement})"
+
+
+def convergence_regions(runs: pd.DataFrame, xcol: str = "optim.lr") -> Dict[str, List[Tuple[float, float]]]:
+    """Per bn.placement: maximal runs of consecutive x values (sorted) where every finished run
+    converged, as (low, high) pairs."""
+    fin = runs[runs["status"].eq("FINISHED")]
+    out: Dict[str, List[Tuple[float, float]]] = {}
+    for pl, g in fin.groupby("bn.placement"):
+        per = g.groupby(xcol)["diverged"].apply(lambda s: not s.astype(bool).any()).sort_index()
+        regions, start, prev = [], None, None
+        for x, good in per.items():
+            if good and start is None:
+                start = x
+            if not good and start is not None:
+                regions.append((start, prev))
+                start = None
+            prev = x
+        if start is not None:
+            regions.append((start, prev))
+        out[str(pl)] = regions
+    return out
+
+
+def fig_lr(runs: pd.DataFrame) -> Figure:
+    """Final eval-mode val/acc vs the SGD learning rate (log axis), with and without BN, mean and
+    95% CI over the seeds that converged; an 'x' at the chance line (with the count) where runs
+    diverged, and bars above the plot spanning the learning rates where every seed converged."""
+    title = "Learning rate: BN widens the region of convergence"
+    fin = runs[runs["status"].eq("FINISHED")] if not runs.empty else runs
+    notes = _notes(runs, "marked x at chance (count below)")
+    if fin.empty or "optim.lr" not in fin:
+        return _empty(title, "no finished runs", notes)
+    ok = fin[~fin["diverged"].astype(bool)]
+    pooled = varying(fin, exclude=["optim.lr", "bn.placement"])
+    fig, axes = _new(1, width=6.5, height=4.4)
+    ax = axes[0, 0]
+    placements = [p for p in ["before_act", "after_act", "none"] if p in set(fin["bn.placement"])]
+    placements += sorted(set(fin["bn.placement"]) - set(placements))
+    regions = convergence_regions(fin)
+    for k, pl in enumerate(placements):
+        color = PLACEMENT_COLOR.get(pl, COLORS[k % len(COLORS)])
+        agg = aggregate(ok[ok["bn.placement"] == pl], ["optim.lr"], FINAL + "val/acc")
+        if not agg.empty:
+            _band(ax, agg["optim.lr"], agg["mean"], agg["ci"], _variant(pl), color)
+        _x_diverged(ax, fin[fin["bn.placement"] == pl], "optim.lr", color, _variant(pl), jitter=1.12 ** k, row=k)
+        y = 1.04 + 0.035 * k
+        for lo, hi in regions.get(pl, []):
+            ax.plot([lo, hi], [y, y], lw=5, color=color, alpha=0.5, solid_capstyle="butt",
+                    label=f"all seeds converge: {_variant(pl)}")
+    _chance(ax)
+    _log_ticks(ax, sorted(fin["optim.lr"].unique()))
+    ax.set_ylim(0, 1.04 + 0.035 * len(placements) + 0.02)
+    ax.set_xlabel("optim.lr (SGD learning rate, log)")
+    ax.set_ylabel("final val/acc, eval mode")
+    return _finish(fig, title, notes + (["pooled over " + ", ".join(pooled)] if pooled else []))
+
+
+def fig_placement(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
+    """BN before the activation vs after it vs no BN, one column per activation: val/acc per epoch
+    (top; mean and 95% CI over seeds) and final val/acc as bars with the 95% CI and n (bottom)."""
+    title = "Where BN sits: before vs after the activation vs no BN, per activation"
+    ok, _, _ = split_runs(runs)
+    okc = _usable_curves(curves)
+    notes = _notes(runs, "left out of the means")
+    if ok.empty or "model.activation" not in ok:
+        return _empty(title, "no finished runs", notes)
+    acts = sorted(ok["model.activation"].unique())
+    pls = [p for p in ["before_act", "after_act", "none"] if p in set(ok["bn.placement"])]
+    fig, axes = _new(len(acts), 2, height=3.3, sharey="row")
+    for j, act in enumerate(acts):
+        top, bottom = axes[0, j], axes[1, j]
+        for k, pl in enumerate(pls):
+            color = PLACEMENT_COLOR[pl]
+            c = okc[(okc["model.activation"] == act) & (okc["bn.placement"] == pl) & (okc["metric"] == "val/acc")]
+            agg = aggregate(c, ["step"], "value")
+            if not agg.empty:
+                _band(top, agg["step"], agg["mean"], agg["ci"], PLACEMENT_LABEL[pl], color)
+            m, ci, n = mean_ci(ok.loc[(ok["model.activation"] == act) & (ok["bn.placement"] == pl), FINAL + "val/acc"])
+            if n:
+                bottom.bar(k, m, color=color, yerr=ci if np.isfinite(ci) else None, capsize=4, alpha=0.85)
+                bottom.text(k, m / 2, f"{m:.3f}" + (f"\n±{ci:.3f}" if np.isfinite(ci) else "") + f"\nn={n}",
+                            ha="center", va="center", fontsize=7, color="white")
+        top.set_title(f"model.activation={act}", fontsize=9)
+        _epoch_axis(top)
+        _chance(top)
+        bottom.set_xticks(range(len(pls)), [PLACEMENT_LABEL[p] for p in pls], fontsize=7)
+        bottom.set_ylim(0, 1.1)
+        _chance(bottom, label=False)
+    axes[0, 0].set_ylabel("val/acc, eval mode")
+    axes[1, 0].set_ylabel("final val/acc")
+    return _finish(fig, title, notes)
+
+
+def fig_running_stats(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> Figure:
+    """How far the running mean and variance are from the precise-BN population statistics, per
+    epoch (bnstats/mean_err, bnstats/var_err: mean relative distance over BN layers; log axis),
+    one line per configuration (bn.momentum, batch size, ... whatever varies), mean and 95% CI.
+    `runs` (optional) lets the footnote also count runs that logged no point at all."""
+    title = "Running vs population statistics: small momentum (or no updates) keeps them stale"
+    ok = _usable_curves(curves)
+    notes = _notes(curves if runs is None else runs, "not averaged")
+    ok = ok[ok["metric"].isin(["bnstats/mean_err", "bnstats/var_err"])] if not ok.empty else ok
+    if ok.empty:
+        return _empty(title, "no bnstats/* metrics logged", notes)
+    groups = varying(ok.drop_duplicates("run_id"))
+    fig, axes = _new(2, sharey=False)
+    for ax, metric, label in [(axes[0, 0], "bnstats/mean_err", "running mean"),
+                              (axes[0, 1], "bnstats/var_err", "running variance")]:
+        sub = ok[ok["metric"] == metric]
+        if not sub.empty and (sub["value"] > 0).any():
+            _curve_groups(ax, sub, metric, groups)
+            ax.set_yscale("log")
+        ax.set_title(f"{metric}: {label}", fontsize=9)
+        ax.set_ylabel("relative distance to precise BN (log)")
+        _epoch_axis(ax)
+    return _finish(fig, title, notes)
+
+
+def fig_curves(curves: pd.DataFrame, metrics: Sequence[str] = ("train/acc", "val/acc"),
+               title: str = "Training curves: accuracy per epoch", runs: Optional[pd.DataFrame] = None) -> Figure:
+    """A generic figure: each metric per epoch (one panel per metric), one line per configuration
+    (the params that vary, seeds averaged: mean and 95% CI). `runs` (optional) lets the footnote
+    also count runs that logged no point at all."""
+    ok = _usable_curves(curves)
+    notes = _notes(curves if runs is None else runs, "not averaged")
+    present = [m for m in metrics if not ok.empty and (ok["metric"] == m).any()]
+    if not present:
+        return _empty(title, "no finished runs with " + ", ".join(metrics), notes)
+    groups = varying(ok.drop_duplicates("run_id"))
+    fig, axes = _new(len(present), sharey=all(m.endswith("acc") for m in present))
+    for ax, metric in zip(axes[0], present):
+        _curve_groups(ax, ok, metric, groups)
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylabel(ACC if metric.endswith("acc") else metric)
+        _epoch_axis(ax)
+    n = ok["run_id"].nunique()
+    notes.append(f"{n} run(s)")
+    return _finish(fig, title, notes)
