@@ -127,3 +127,47 @@ def test_no_bn_logs_only_what_exists():
     cfg.bn.placement = Placement.none
     out = train_mod.train(cfg)
     assert "val/acc" in out and "val/acc_batch_stats" not in out and "val/acc_precise_bn" not in out
+
+
+def test_ui_serves_the_project_store_from_any_directory(home, tmp_path):
+    """bnlab-ui started elsewhere shows the runs that bnlab-train wrote (loopback only)."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import BIN
+
+    train_mod.train(small_cfg(), tracker_for(home, "seen-in-ui"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ui = subprocess.Popen([str(BIN / "bnlab-ui"), "--port", str(port), "--workers", "1"], cwd=str(elsewhere),
+                          env={**os.environ, "BNLAB_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert ui.poll() is None and time.time() < deadline, "bnlab-ui did not start"
+                time.sleep(1)
+        exp = json.load(urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=unit"))
+        req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(req))["runs"]
+        assert [r["info"]["run_name"] for r in runs] == ["seen-in-ui"]
+        assert urllib.request.urlopen(base + "/").status == 200  # the UI page itself
+        assert not (elsewhere / "mlflow.db").exists() and not (elsewhere / "mlruns").exists()
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
