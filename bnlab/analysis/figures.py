@@ -601,8 +601,12 @@ def fig_placement(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
             m, ci, n = mean_ci(ok.loc[(ok["model.activation"] == act) & (ok["bn.placement"] == pl), FINAL + "val/acc"])
             if n:
                 bottom.bar(k, m, color=color, yerr=ci if np.isfinite(ci) else None, capsize=4, alpha=0.85)
-                bottom.text(k, m / 2, f"{m:.3f}" + (f"\n±{ci:.3f}" if np.isfinite(ci) else "") + f"\nn={n}",
-                            ha="center", va="center", fontsize=7, color="white")
+                label = f"{m:.3f}" + (f"\n±{ci:.3f}" if np.isfinite(ci) else "") + f"\nn={n}"
+                if m >= 0.3:  # inside a tall bar, above the error bar's top for a short one
+                    bottom.text(k, m / 2, label, ha="center", va="center", fontsize=7, color="white")
+                else:
+                    top_of = m + (ci if np.isfinite(ci) else 0.0) + 0.02
+                    bottom.text(k, top_of, label, ha="center", va="bottom", fontsize=7, color="black")
         top.set_title(f"model.activation={act}", fontsize=9)
         _epoch_axis(top)
         _chance(top)
