@@ -140,7 +140,9 @@ class BNConfig:
     # Training examples used for precise-BN recalibration each epoch (val/acc_precise_bn); 0 = skip.
     precise_samples: int = 10000
     # Extra running averages with these momenta (PyTorch convention), updated from the same batch
-    # statistics; each epoch logs val/acc_shadow/<momentum>. Training itself is unchanged.
+    # statistics; each epoch logs val/acc_shadow/<momentum> (and, with precise BN, the distance of
+    # each shadow average to the population statistics, bnstats/{mean,var}_err_shadow/<momentum>).
+    # Training itself is unchanged.
     shadow_momenta: List[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -202,6 +204,15 @@ class TrainConfig:
     bs1_samples: int = 500
     # Show a progress bar (only on a terminal; a line per epoch otherwise).
     progress: bool = True
+    # torch.compile the training forward + loss (inductor; needs a C++ compiler on CPU, Triton on
+    # CUDA). Same maths, different rounding; evaluation stays eager. First epoch pays the compile.
+    compile: bool = False
+    # Mixed precision: the training forward autocast to bfloat16; BN statistics, normalisation
+    # and the loss stay float32. Evaluation runs in float32.
+    amp: bool = False
+    # CUDA only (ignored on CPU): capture the whole training step (forward, backward, SGD update)
+    # as one CUDA graph after 3 eager warm-up steps; needs fixed BN momenta (no null).
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -1,20 +1,26 @@
 """train(cfg, tracker) -> final metrics: one run, its per-epoch evaluations, logged through the
-tracker it is given. Knows nothing of Hydra or MLflow."""
+tracker it is given. Knows nothing of Hydra or MLflow. The training loop (setup, TrainStep,
+train_epoch) is public so that benchmarks time exactly the code a run executes."""
 from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
+import select
+import subprocess
 import sys
 import time
 import traceback
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bnlab import bn as bnm
-from bnlab.config import Config, Device, config_hash, flatten, to_plain
+from bnlab.config import Config, ConfigError, Device, config_hash, flatten, to_plain
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.models import build_model
 from bnlab.tracking import TAG, NullTracker
@@ -30,25 +36,66 @@ def resolve_device(d: Device) -> torch.device:
     return torch.device(d.value)
 
 
-def shadow_key(m: float) -> str:
-    """Metric name of a shadow momentum: val/acc_shadow/0.01 (MLflow allows letters, digits, _-.:/ and space)."""
-    return f"val/acc_shadow/{m:g}"
+def shadow_key(m: float, metric: str = "val/acc") -> str:
+    """Metric name of a shadow momentum: val/acc_shadow/0.01, bnstats/mean_err_shadow/0.01
+    (MLflow allows letters, digits, _-.:/ and space)."""
+    return f"{metric}_shadow/{m:g}"
+
+
+# Running-statistics evaluation on CPU runs the model on pieces of this many examples of each
+# eval batch: activations of 2000 LeNet examples (27 MB per conv1-sized tensor) overflow the caches,
+# and 256 at a time measured 2.2x faster here. Per-example outputs do not depend on the batch then.
+CPU_EVAL_CHUNK = 256
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Dict[str, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
+             chunk: Optional[int] = None) -> Dict[str, float]:
     """Loss and accuracy in eval mode with whatever statistics the BN modules are set to use.
-    The train/eval flag is restored afterwards."""
+    The train/eval flag is restored afterwards. `chunk`: run the model on pieces of at most this
+    many examples of each batch and join the logits (only where an example's output does not
+    depend on its batch, i.e. running statistics)."""
     was_training = model.training
     model.eval()
     loss_sum, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
     for xb, yb in eval_batches(x, y, batch_size):
-        out = model(xb)
+        if chunk is not None and len(xb) > chunk:
+            out = torch.cat([model(piece) for piece in xb.split(chunk)])
+        else:
+            out = model(xb)
         loss_sum += F.cross_entropy(out, yb, reduction="sum")
         correct += (out.argmax(1) == yb).sum()
     model.train(was_training)
     n = len(x)
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+
+
+@torch.no_grad()
+def shadow_accuracies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, k: int, *,
+                      chunk: Optional[int] = None) -> List[float]:
+    """Accuracy with each of the k shadow statistics: what `with bn.use_shadow(model, j):
+    evaluate(...)` gives for j < k, bit for bit, at less cost. The layers of a Sequential model
+    before its first BN are the same for every shadow, so they run once per batch (in LeNet that
+    is conv1, the dearest layer of an evaluation forward); the rest runs once per shadow."""
+    children = list(model.children()) if type(model) is nn.Sequential else []
+    first_bn = next((i for i, c in enumerate(children) if bnm.bn_modules(c)), 0)
+    prefix, rest = nn.Sequential(*children[:first_bn]), nn.Sequential(*children[first_bn:])
+    if not children:
+        prefix, rest = nn.Sequential(), model
+    was_training = model.training
+    model.eval()
+    correct = [torch.zeros((), device=x.device) for _ in range(k)]
+    try:
+        for xb, yb in eval_batches(x, y, batch_size):
+            pieces = xb.split(chunk) if chunk is not None and len(xb) > chunk else (xb,)
+            shared = [prefix(p) for p in pieces]
+            for j in range(k):
+                with bnm.use_shadow(model, j):
+                    out = torch.cat([rest(h) for h in shared]) if len(shared) > 1 else rest(shared[0])
+                correct[j] += (out.argmax(1) == yb).sum()
+    finally:
+        model.train(was_training)
+    return [c.item() / len(x) for c in correct]
 
 
 def _precise_source(ds: Dataset, batch_size: int, gen: torch.Generator):
@@ -61,8 +108,10 @@ def epoch_metrics(model: nn.Module, ds: Dataset, cfg: Config, gen: torch.Generat
                   final: bool) -> Dict[str, float]:
     """Every evaluation of one epoch; the model's buffers and flags are unchanged afterwards."""
     bs, ebs = cfg.data.batch_size, cfg.data.eval_batch_size
+    # Passes with running statistics: the same result whatever the pieces (see CPU_EVAL_CHUNK).
+    chunk = CPU_EVAL_CHUNK if ds.x_val.device.type == "cpu" else None
     m: Dict[str, float] = {}
-    ev = evaluate(model, ds.x_val, ds.y_val, ebs)
+    ev = evaluate(model, ds.x_val, ds.y_val, ebs, chunk=chunk)
     m["val/loss"], m["val/acc"] = ev["loss"], ev["acc"]
     if not cfg.bn.enabled:
         return m
@@ -72,13 +121,21 @@ def epoch_metrics(model: nn.Module, ds: Dataset, cfg: Config, gen: torch.Generat
     if cfg.bn.precise_samples > 0:
         n = min(cfg.bn.precise_samples, len(ds.x_train))
         precise = bnm.precise_bn(model, _precise_source(ds, bs, gen), n)
-        m["val/acc_precise_bn"] = evaluate(precise, ds.x_val, ds.y_val, ebs)["acc"]
+        m["val/acc_precise_bn"] = evaluate(precise, ds.x_val, ds.y_val, ebs, chunk=chunk)["acc"]
         err = bnm.running_stats_error(model, precise)
         m["bnstats/mean_err"], m["bnstats/var_err"] = err["mean_err"], err["var_err"]
+        # The same distance for each shadow average: the running-statistics figure gets the whole
+        # momentum axis from one run (tiny per-channel vectors: negligible cost).
+        for k, mom in enumerate(cfg.bn.shadow_momenta):
+            with bnm.use_shadow(model, k):
+                err = bnm.running_stats_error(model, precise)
+            m[shadow_key(mom, "bnstats/mean_err")] = err["mean_err"]
+            m[shadow_key(mom, "bnstats/var_err")] = err["var_err"]
         del precise
-    for k, mom in enumerate(cfg.bn.shadow_momenta):
-        with bnm.use_shadow(model, k):
-            m[shadow_key(mom)] = evaluate(model, ds.x_val, ds.y_val, ebs)["acc"]
+    if cfg.bn.shadow_momenta:
+        accs = shadow_accuracies(model, ds.x_val, ds.y_val, ebs, len(cfg.bn.shadow_momenta), chunk=chunk)
+        for mom, acc in zip(cfg.bn.shadow_momenta, accs):
+            m[shadow_key(mom)] = acc
     if final and cfg.train.bs1_samples > 0:
         k = min(cfg.train.bs1_samples, len(ds.x_val))
         with bnm.batch_stats_eval(model):
@@ -99,6 +156,317 @@ def run_tags(cfg: Config) -> Dict[str, str]:
             TAG + "diverged": "false"}
 
 
+# ----------------------------------------------------------------------------- the training loop
+
+class TrainStep:
+    """One SGD step per call, and the epoch's sums of loss and correct predictions kept on the
+    device (read once per epoch: no host sync per step).
+
+    Options (TrainConfig): `compile` runs forward + loss through torch.compile (backward through
+    AOTAutograd); `amp` autocasts the forward to bfloat16 while every BN normalises in float32
+    (bnlab's BatchNorm upcasts half inputs) and the loss is taken in float32; `cuda_graphs`
+    (CUDA only) records the whole step, sums included, as one CUDA graph after a few eager warm-up
+    steps and replays it for every later batch. The warm-up steps are ordinary training steps, so
+    the run sees the same batches either way.
+    """
+
+    WARMUP_STEPS = 3  # eager steps on a side stream before capture (torch.cuda.graphs docs)
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device, *,
+                 compile: bool = False, amp: bool = False, cuda_graphs: bool = False):
+        self.model, self.opt, self.device = model, opt, device
+        self.amp = amp
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        # float32 sums as before (exact for counts below 2**24 per epoch).
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self._forward = self._forward_loss
+        if compile:
+            # On CPU inductor's layout optimisation turns the conv outputs channels-last and then
+            # vectorises BN over 6 or 16 channels (masked 16-lane vectors): measured slower here.
+            options = {"layout_optimization": False} if device.type == "cpu" else None
+            self._forward = torch.compile(self._forward_loss, options=options)
+        self._graph: Optional["torch.cuda.CUDAGraph"] = None
+        self._static: Tuple[torch.Tensor, ...] = ()
+        self._warm = 0
+
+    def _forward_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.amp:
+            # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                out = self.model(xb)
+        else:
+            out = self.model(xb)
+        loss = F.cross_entropy(out.float(), yb)
+        return loss, (out.argmax(1) == yb).sum()
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        loss, hits = self._forward(xb, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum += loss.detach() * len(yb)
+        self.correct += hits
+
+    def reset(self) -> None:
+        """Zero the epoch sums in place (a captured graph keeps writing to the same memory)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def sums(self) -> Tuple[float, float]:
+        """(sum of batch loss x batch size, correct predictions) since reset(): one host sync."""
+        return self.loss_sum.item(), self.correct.item()
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        if not self.cuda_graphs:
+            self._step(xb, yb)
+            return
+        if self._graph is None:
+            if self._warm < self.WARMUP_STEPS:
+                # Warm-up on a side stream (lazy initialisation, optimiser state, compilation), as
+                # the CUDA-graph recipe requires; these are real steps of the run.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._step(xb, yb)
+                torch.cuda.current_stream().wait_stream(side)
+                self._warm += 1
+                return
+            self._static = (xb.clone(), yb.clone())
+            graph = torch.cuda.CUDAGraph()
+            # Capture records without running; set_to_none inside the step makes the captured
+            # backward write fresh gradients (in the graph's pool) instead of accumulating.
+            with torch.cuda.graph(graph):
+                self._step(*self._static)
+            self._graph = graph
+        self._static[0].copy_(xb)
+        self._static[1].copy_(yb)
+        self._graph.replay()
+
+
+@dataclass
+class Setup:
+    """Everything a run trains with, built in the order that fixes its random state."""
+
+    device: torch.device
+    ds: Dataset
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator  # batch order and precise-BN batches
+    step: TrainStep
+
+
+def setup(cfg: Config, data: Optional[Dataset] = None) -> Setup:
+    """Threads, device, data on the device, seeded model and optimiser, and the step function."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.cuda_graphs and device.type == "cuda" and cfg.bn.enabled and (
+            cfg.bn.momentum is None or None in cfg.bn.shadow_momenta):
+        # The cumulative average reads num_batches_tracked on the host every step: not capturable.
+        raise ConfigError("train.cuda_graphs needs a fixed bn.momentum and bn.shadow_momenta "
+                          "(null, the cumulative average, reads a counter on the host every step)")
+    ds = (data or load_data(cfg.data)).to(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.bn).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = TrainStep(model, opt, device, compile=cfg.train.compile, amp=cfg.train.amp,
+                     cuda_graphs=cfg.train.cuda_graphs)
+    return Setup(device, ds, model, opt, gen, step)
+
+
+def train_epoch(s: Setup, batch_size: int, desc: str = "", progress: bool = False) -> Dict[str, float]:
+    """One pass over the shuffled training set: train/loss, train/acc and
+    perf/train_examples_per_s (this loop only, up to the epoch's one host sync)."""
+    s.model.train()
+    s.step.reset()
+    t0 = time.perf_counter()
+    seen = 0
+    steps = len(s.ds.x_train) // batch_size
+    bar = _progress(steps, desc, progress)
+    for xb, yb in train_batches(s.ds.x_train, s.ds.y_train, batch_size, s.gen):
+        s.step(xb, yb)
+        seen += len(yb)
+        bar.update(1)
+    bar.close()
+    loss_sum, correct = s.step.sums()  # waits for the device: the time below is honest on CUDA
+    train_time = time.perf_counter() - t0
+    return {"train/loss": loss_sum / seen, "train/acc": correct / seen,
+            "perf/train_examples_per_s": seen / train_time}
+
+
+# ----------------------------------------------------------------------------- logging off the loop
+
+# The logging process: reads the pickled tracker, then (method, args) pairs from stdin, calls them
+# in order, and answers on its own copy of stdout: ("ready", None) once the tracker is loaded and
+# ("flushed", first error or None) at every "__flush__". It ignores Ctrl-C so that it can still
+# write what was queued; EOF on stdin (the trainer ended or died) ends it.
+_LOG_PROCESS = r"""
+import os, pickle, signal, sys, traceback
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+os.dup2(2, 1)  # stray prints go to stderr, not into the protocol
+def send(msg):
+    pickle.dump(msg, out)
+    out.flush()
+def why(e):
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
+try:
+    tracker = pickle.load(inp)
+except BaseException as e:
+    send(("failed", why(e)))
+    sys.exit(1)
+send(("ready", None))
+error = None
+while True:
+    try:
+        name, args = pickle.load(inp)
+    except EOFError:
+        break
+    if name == "__flush__":
+        send(("flushed", error))
+        error = None
+    elif error is None:  # after a failure, drop the rest: the run ends FAILED
+        try:
+            getattr(tracker, name)(*args)
+        except BaseException as e:
+            error = why(e)
+"""
+
+
+class BackgroundTracker:
+    """A tracker's log_epoch and set_tags, either synchronous or, with process=True, written by a
+    separate logging process so that a store write (3-4 ms on SQLite, ~90 ms over HTTP) costs the
+    training thread only a pickle and a pipe write.
+
+    A thread does not do: the write is mostly Python (SQLAlchemy) and holds the GIL, and measured
+    here a log call in a background thread cost the training thread as much time as the call
+    itself (benchmarks/bench_train.py overheads). The process starts after tracker.start(), gets
+    a pickled copy of the tracker, and takes over once it reports ready (until then, and for a
+    tracker that does not pickle or a platform without select() on pipes, calls stay synchronous).
+    Calls keep their order. start() and end() run here; end() first waits for every queued call.
+    A failed call in the process is raised here at the next flush()/end(), so train() records the
+    run FAILED.
+    """
+
+    def __init__(self, tracker, process: bool = False, timeout_s: float = 120.0):
+        self.tracker = tracker
+        self.timeout_s = timeout_s
+        self._want_process = process and os.name == "posix" and not isinstance(tracker, NullTracker)
+        self._proc: Optional[subprocess.Popen] = None
+        self._ready = False
+
+    @property
+    def run_id(self):
+        return getattr(self.tracker, "run_id", None)
+
+    @property
+    def in_process(self) -> bool:
+        """True once calls go to the logging process."""
+        return self._ready
+
+    def start(self, params, tags, config_text: str) -> None:
+        self.tracker.start(params, tags, config_text)
+        if self._want_process:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        try:
+            blob = pickle.dumps(self.tracker)
+        except Exception as e:  # noqa: BLE001 - any tracker may be handed in; stay synchronous
+            log.debug("tracker does not pickle (%s): logging synchronously", e)
+            return
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", _LOG_PROCESS], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE)
+            self._proc.stdin.write(blob)
+            self._proc.stdin.flush()
+        except OSError as e:
+            log.warning("could not start the logging process (%s): logging synchronously", e)
+            self._close()
+
+    def _poll_ready(self) -> None:
+        # Non-blocking: switch to the process once its "ready" is readable.
+        if self._proc is None or self._ready:
+            return
+        if not select.select([self._proc.stdout], [], [], 0)[0]:
+            return
+        kind, why = self._read()
+        if kind == "ready":
+            self._ready = True
+        else:
+            log.warning("the logging process could not load the tracker (%s): logging synchronously", why)
+            self._close()
+
+    def _read(self) -> Tuple[str, Optional[str]]:
+        try:
+            return pickle.load(self._proc.stdout)
+        except (EOFError, pickle.UnpicklingError, OSError) as e:
+            return "failed", f"logging process ended unexpectedly ({type(e).__name__})"
+
+    def _call(self, name: str, *args) -> None:
+        self._poll_ready()
+        if not self._ready:
+            getattr(self.tracker, name)(*args)
+            return
+        try:
+            pickle.dump((name, args), self._proc.stdin)
+            self._proc.stdin.flush()
+        except OSError as e:
+            raise RuntimeError(f"logging process is gone ({e}); metrics may be missing") from e
+
+    def log_epoch(self, step: int, metrics) -> None:
+        self._call("log_epoch", step, dict(metrics))
+
+    def set_tags(self, tags) -> None:
+        self._call("set_tags", dict(tags))
+
+    def flush(self) -> None:
+        """Wait until every queued call is written; raise the first error if one failed."""
+        if not self._ready:
+            return
+        self._call("__flush__")
+        # Blocking read; the process answers once everything before the flush has run.
+        ready = select.select([self._proc.stdout], [], [], self.timeout_s)[0]
+        kind, why = self._read() if ready else ("failed", f"no answer in {self.timeout_s:.0f} s")
+        if kind != "flushed" or why is not None:
+            self._close()
+            raise RuntimeError(f"a tracker call failed in the logging process: {why}")
+
+    def _close(self) -> None:
+        proc, self._proc, self._ready = self._proc, None, False
+        if proc is None:
+            return
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(self.timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def end(self, status: str, error: Optional[str] = None) -> None:
+        try:
+            self.flush()
+        except Exception as e:  # noqa: BLE001 - still end the run, with the logging error
+            if status == "FINISHED":
+                status, error = "FAILED", str(e)
+            log.warning("%s", e)
+        finally:
+            self._close()
+        self.tracker.end(status, error)
+
+    def where(self) -> str:
+        return self.tracker.where()
+
+
+# ----------------------------------------------------------------------------- one run
+
 def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
           extra_tags: Optional[Dict[str, str]] = None, config_text: str = "") -> Dict[str, float]:
     """Train one model as configured, evaluate every epoch, log through `tracker`.
@@ -106,55 +474,27 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
     The data is loaded and the model built before the tracker starts a run, so bad data writes
     nothing. A NaN/inf loss stops the run, tagged diverged, with its curves so far (status
     FINISHED); any other error ends the run FAILED with the error recorded; Ctrl-C ends it KILLED.
+    On CUDA the epoch metrics are written by a logging process (BackgroundTracker), in order.
     """
-    tracker = tracker or NullTracker()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    ds = (data or load_data(cfg.data)).to(device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.bn).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)  # batch order and precise-BN batches
+    s = setup(cfg, data)
+    # On CUDA an epoch takes tens of ms and one store write several: write from a logging process.
+    # On CPU an epoch takes seconds and a write is under 0.1% of it: synchronous is cheapest.
+    tracker = BackgroundTracker(tracker or NullTracker(), process=s.device.type == "cuda")
     params = flatten(to_plain(cfg))
     tracker.start(params, {**run_tags(cfg), **(extra_tags or {})}, config_text)
     final: Dict[str, float] = {}
     try:
-        steps = len(ds.x_train) // cfg.data.batch_size
         for epoch in range(1, cfg.train.epochs + 1):
-            model.train()
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen, diverged = 0, False
-            bar = _progress(steps, f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress)
-            for xb, yb in train_batches(ds.x_train, ds.y_train, cfg.data.batch_size, gen):
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                # Sums stay on the device: no host sync per step.
-                loss_sum += loss.detach() * len(yb)
-                correct += (out.argmax(1) == yb).sum()
-                seen += len(yb)
-                bar.update(1)
-            bar.close()
-            train_time = time.perf_counter() - t0
-            train_loss = loss_sum.item() / seen
-            m = {"train/loss": train_loss, "train/acc": correct.item() / seen,
-                 "perf/train_examples_per_s": seen / train_time}
+            m = train_epoch(s, cfg.data.batch_size, f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress)
+            train_loss = m["train/loss"]
             if not math.isfinite(train_loss):
-                diverged = True
-            if diverged:
                 # Curves end here; evaluating a NaN model would only add noise to the plots.
                 tracker.log_epoch(epoch, m)
                 tracker.set_tags({TAG + "diverged": "true", TAG + "diverged_epoch": str(epoch)})
                 log.warning("loss is %s at epoch %d: run stopped and tagged diverged", train_loss, epoch)
                 final = {**m, "diverged_epoch": epoch}
                 break
-            m.update(epoch_metrics(model, ds, cfg, gen, final=epoch == cfg.train.epochs))
+            m.update(epoch_metrics(s.model, s.ds, cfg, s.gen, final=epoch == cfg.train.epochs))
             m["gap/acc"] = m["train/acc"] - m["val/acc"]
             tracker.log_epoch(epoch, m)
             final = m
@@ -162,6 +502,7 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
                      epoch, cfg.train.epochs, m["train/loss"], m["train/acc"], m["val/acc"],
                      f"val/acc_batch_stats {m['val/acc_batch_stats']:.4f}" if "val/acc_batch_stats" in m else "",
                      m["perf/train_examples_per_s"])
+        tracker.flush()  # a failed write is this run's error, handled below
     except KeyboardInterrupt:
         tracker.end("KILLED", "interrupted (Ctrl-C)")
         raise

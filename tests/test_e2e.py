@@ -25,7 +25,8 @@ def test_single_run_logs_everything(home, tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "data=synthetic,train.epochs=2,bn.momentum=0.3,bn.shadow_momenta=[0.01,0.5]"
-    expected = EPOCH_METRICS | {"val/acc_shadow/0.01", "val/acc_shadow/0.5", "val/acc_batch_stats_bs1"}
+    expected = EPOCH_METRICS | {f"{k}_shadow/{m}" for k in ("val/acc", "bnstats/mean_err", "bnstats/var_err")
+                                for m in ("0.01", "0.5")} | {"val/acc_batch_stats_bs1"}
     assert set(run.data.metrics) == expected
     for key in expected - {"val/acc_batch_stats_bs1"}:
         hist = c.get_metric_history(run.info.run_id, key)
