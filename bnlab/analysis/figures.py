@@ -618,6 +618,25 @@ def fig_placement(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
     return _finish(fig, title, notes)
 
 
+SHADOW_STATS = ("bnstats/mean_err_shadow/", "bnstats/var_err_shadow/")
+
+
+def shadow_stat_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """Curves of bnstats/{mean,var}_err_shadow/<m> -> rows of metric bnstats/{mean,var}_err with
+    bn.momentum = m (a run's shadow average with momentum m is what a run with bn.momentum=m would
+    hold, since momentum does not change training). Empty when no run logged shadow statistics."""
+    parts = []
+    for prefix in SHADOW_STATS:
+        sub = curves[curves["metric"].str.startswith(prefix)]
+        if sub.empty:
+            continue
+        m = sub["metric"].str[len(prefix):].astype(float)
+        # run_id per (run, momentum): each shadow is a run of its own for aggregation.
+        parts.append(sub.assign(metric=prefix.split("_shadow/")[0], **{"bn.momentum": m.values},
+                                run_id=sub["run_id"] + "@" + m.astype(str)))
+    return pd.concat(parts, ignore_index=True) if parts else curves.iloc[0:0]
+
+
 def fig_running_stats(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> Figure:
     """How far the running mean and variance are from the precise-BN population statistics, per
     epoch (bnstats/mean_err, bnstats/var_err: mean relative distance over BN layers; log axis),
@@ -626,10 +645,20 @@ def fig_running_stats(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None)
     title = "Running vs population statistics: small momentum (or no updates) keeps them stale"
     ok = _usable_curves(curves)
     notes = _notes(curves if runs is None else runs, "not averaged")
+    shadows = shadow_stat_curves(ok) if not ok.empty else ok
+    if not shadows.empty:
+        # Several momenta from one run's shadow averages: one line per momentum, at the largest
+        # batch size (fewest steps per epoch: where a small momentum stays stale longest).
+        if "data.batch_size" in shadows and shadows["data.batch_size"].nunique() > 1:
+            bs = shadows["data.batch_size"].max()
+            shadows = shadows[shadows["data.batch_size"] == bs]
+            notes.append(f"batch size {bs}; other batch sizes in the study's summary.csv")
+        notes.append("momenta from shadow running averages of the same runs (bnstats/*_shadow/<m>)")
+        ok = shadows
     ok = ok[ok["metric"].isin(["bnstats/mean_err", "bnstats/var_err"])] if not ok.empty else ok
     if ok.empty:
         return _empty(title, "no bnstats/* metrics logged", notes)
-    groups = varying(ok.drop_duplicates("run_id"))
+    groups = ["bn.momentum"] if not shadows.empty else varying(ok.drop_duplicates("run_id"))
     fig, axes = _new(2, sharey=False)
     for ax, metric, label in [(axes[0, 0], "bnstats/mean_err", "running mean"),
                               (axes[0, 1], "bnstats/var_err", "running variance")]:
