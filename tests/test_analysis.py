@@ -76,6 +76,10 @@ def curves_for(rng, *, bn=True, val=0.85, train=0.88, precise=None, batch_stats=
             put("bnstats/var_err", e, 2 * stats_err / e * float(rng.uniform(0.9, 1.1)))
             for m in shadows:
                 put(f"val/acc_shadow/{m:g}", e, float(np.clip(shadow_val(m) * grow + rng.normal(0, 0.01), 0, 1)))
+                # staler with a smaller momentum; never updated (0) stays at the initial 0/1
+                err = 1.0 if m == 0 else stats_err / (e * min(1.0, 100 * m))
+                put(f"bnstats/mean_err_shadow/{m:g}", e, err * float(rng.uniform(0.9, 1.1)))
+                put(f"bnstats/var_err_shadow/{m:g}", e, 2 * err * float(rng.uniform(0.9, 1.1)))
             if e == epochs:
                 put("val/acc_batch_stats_bs1", e, 0.1 + float(rng.normal(0, 0.005)))
     return out
@@ -488,6 +492,22 @@ def test_fig_running_stats_and_curves(frames):
     fig = F.fig_curves(curves)
     assert len([a for a in fig.axes if a.get_xlabel() == "epoch"]) == 2
     assert F.fig_running_stats(frames["placement"][1].iloc[:0]).axes  # empty input: a figure, no crash
+
+
+def test_fig_running_stats_draws_the_momentum_axis_from_shadows(frames):
+    """Shadow averages give one line per momentum (at the largest batch size), not per run group."""
+    _, curves = frames["momentum"]
+    shadow = F.shadow_stat_curves(curves)
+    assert set(shadow["bn.momentum"]) == set(SHADOWS)
+    # each (run, momentum) is its own series; values are the logged shadow ones
+    assert shadow.groupby(["run_id", "metric"]).size().max() == EPOCHS
+    fig = F.fig_running_stats(curves)
+    axes = [a for a in fig.axes if a.get_yscale() == "log"]
+    assert len(axes) == 2 and all(len(data_lines(a)) == len(SHADOWS) for a in axes)
+    assert "batch size 256" in texts(fig) and "shadow" in texts(fig)
+    # without shadow metrics the figure groups runs as before
+    plain = curves[~curves["metric"].str.contains("_shadow/")]
+    assert F.shadow_stat_curves(plain).empty
 
 
 def test_figures_render_without_usable_runs(store, frames):
