@@ -462,9 +462,25 @@ def test_fig_lr_marks_diverged_runs(frames):
     assert counts == ["1", "1", "2"]
     regions = F.convergence_regions(runs[runs["status"] == "FINISHED"])
     assert regions == {"before_act": [(0.01, 1.0)], "none": [(0.01, 0.1)]}
-    band_labels = [ln.get_label() for ln in ax.get_lines() if ln.get_label().startswith("all seeds converge")]
+    band_labels = [ln.get_label() for ln in ax.get_lines() if ln.get_label().startswith("all seeds learn")]
     assert len(band_labels) == 2
     assert "left out: 1 FAILED run(s)" in texts(fig) and "4 diverged run(s)" in texts(fig)
+
+
+def test_a_run_stuck_at_chance_is_not_in_the_region_of_convergence():
+    """Finite loss is not enough: a run whose training accuracy stays at chance did not learn."""
+    rows = [(lr, seed, acc, div) for lr, accs in [(0.1, (0.8, 0.8)), (1.0, (0.8, 0.11)), (10.0, (0.7, 0.7)),
+                                                   (100.0, (0.1, 0.1))]
+            for seed, acc in enumerate(accs) for div in [lr == 100.0 and seed == 0]]
+    runs = pd.DataFrame({"optim.lr": [r[0] for r in rows], "seed": [r[1] for r in rows],
+                         "final/train/acc": [r[2] for r in rows], "final/val/acc": [r[2] for r in rows],
+                         "diverged": [r[3] for r in rows],
+                         "status": "FINISHED", "bn.placement": "none"})
+    assert F.learned(runs).tolist() == [True, True, True, False, True, True, False, False]
+    assert F.convergence_regions(runs) == {"none": [(0.1, 0.1), (10.0, 10.0)]}
+    text = report.caption_lr(runs, None)
+    assert "every seed learns for lr in [0.1, 0.1] and [10, 10]" in text
+    assert "diverged: 1 of 2 at lr 100" in text and "stalled (finite loss, no learning): 1 of 2 at lr 1, 1 of 2 at lr 100" in text
 
 
 def test_fig_placement(frames):

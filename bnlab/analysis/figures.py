@@ -267,8 +267,14 @@ def _usable_curves(curves: pd.DataFrame) -> pd.DataFrame:
     return curves[curves["status"].eq("FINISHED") & ~curves["diverged"].astype(bool)]
 
 
-def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], colors=None, ls="-"):
+def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], colors=None, ls="-",
+                  log: bool = False):
+    """One line per group, per step: mean and 95% CI over seeds. With log=True (for a log axis)
+    the mean and CI are those of log10(value), drawn back as 10**: the geometric mean and a band
+    that stays positive (a t-interval of the raw values runs below zero on a log axis)."""
     sub = curves[curves["metric"] == metric]
+    if log:
+        sub = sub[sub["value"] > 0].assign(value=np.log10(sub.loc[sub["value"] > 0, "value"]))
     if sub.empty:
         return
     agg = aggregate(sub, [*groups, "step"], "value")
@@ -278,7 +284,13 @@ def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], 
         for c in groups:
             g = g[_same(g[c], key[c])]
         color = (colors or {}).get(i, COLORS[i % len(COLORS)])
-        _band(ax, g["step"], g["mean"], g["ci"], group_label(key, groups), color, ls=ls)
+        if log:
+            x, m, ci = (g[c].to_numpy(float) for c in ("step", "mean", "ci"))
+            ax.plot(x, 10 ** m, marker="o", ls=ls, color=color, label=group_label(key, groups), ms=4)
+            ci = np.where(np.isfinite(ci), ci, 0.0)
+            ax.fill_between(x, 10 ** (m - ci), 10 ** (m + ci), color=color, alpha=0.2, lw=0)
+        else:
+            _band(ax, g["step"], g["mean"], g["ci"], group_label(key, groups), color, ls=ls)
 
 
 def _same(col: pd.Series, v) -> pd.Series:
@@ -523,13 +535,26 @@ def _variant(placement: str) -> str:
     return "without BN" if placement == "none" else f"with BN ({placement})"
 
 
+# A run "learns" when its loss stayed finite and its final training accuracy is at least twice
+# chance: a finite loss alone also counts runs that sit at chance for good (dead ReLUs, saturated
+# sigmoids), which are no more converged than a NaN.
+LEARNED = 2 * CHANCE
+
+
+def learned(runs: pd.DataFrame) -> pd.Series:
+    """Per run: not diverged and final train/acc >= LEARNED (False where train/acc is missing)."""
+    acc = runs[FINAL + "train/acc"] if FINAL + "train/acc" in runs else pd.Series(np.nan, index=runs.index)
+    return ~runs["diverged"].astype(bool) & (acc.astype(float) >= LEARNED)
+
+
 def convergence_regions(runs: pd.DataFrame, xcol: str = "optim.lr") -> Dict[str, List[Tuple[float, float]]]:
     """Per bn.placement: maximal runs of consecutive x values (sorted) where every finished run
-    converged, as (low, high) pairs."""
+    learned (see `learned`), as (low, high) pairs."""
     fin = runs[runs["status"].eq("FINISHED")]
     out: Dict[str, List[Tuple[float, float]]] = {}
+    fin = fin.assign(_learned=learned(fin))
     for pl, g in fin.groupby("bn.placement"):
-        per = g.groupby(xcol)["diverged"].apply(lambda s: not s.astype(bool).any()).sort_index()
+        per = g.groupby(xcol)["_learned"].all().sort_index()
         regions, start, prev = [], None, None
         for x, good in per.items():
             if good and start is None:
@@ -547,7 +572,8 @@ def convergence_regions(runs: pd.DataFrame, xcol: str = "optim.lr") -> Dict[str,
 def fig_lr(runs: pd.DataFrame) -> Figure:
     """Final eval-mode val/acc vs the SGD learning rate (log axis), with and without BN, mean and
     95% CI over the seeds that converged; an 'x' at the chance line (with the count) where runs
-    diverged, and bars above the plot spanning the learning rates where every seed converged."""
+    diverged, and bars above the plot spanning the learning rates where every seed learned (finite
+    loss and final train/acc at least twice chance)."""
     title = "Learning rate: BN widens the region of convergence"
     fin = runs[runs["status"].eq("FINISHED")] if not runs.empty else runs
     notes = _notes(runs, "marked x at chance (count below)")
@@ -569,12 +595,13 @@ def fig_lr(runs: pd.DataFrame) -> Figure:
         y = 1.04 + 0.035 * k
         for lo, hi in regions.get(pl, []):
             ax.plot([lo, hi], [y, y], lw=5, color=color, alpha=0.5, solid_capstyle="butt",
-                    label=f"all seeds converge: {_variant(pl)}")
+                    label=f"all seeds learn: {_variant(pl)}")
     _chance(ax)
     _log_ticks(ax, sorted(fin["optim.lr"].unique()))
     ax.set_ylim(0, 1.04 + 0.035 * len(placements) + 0.02)
     ax.set_xlabel("optim.lr (SGD learning rate, log)")
     ax.set_ylabel("final val/acc, eval mode")
+    notes.append(f"bars: every seed learns (finite loss, final train/acc >= {LEARNED:g})")
     return _finish(fig, title, notes + (["pooled over " + ", ".join(pooled)] if pooled else []))
 
 
@@ -664,10 +691,10 @@ def fig_running_stats(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None)
                               (axes[0, 1], "bnstats/var_err", "running variance")]:
         sub = ok[ok["metric"] == metric]
         if not sub.empty and (sub["value"] > 0).any():
-            _curve_groups(ax, sub, metric, groups)
+            _curve_groups(ax, sub, metric, groups, log=True)
             ax.set_yscale("log")
         ax.set_title(f"{metric}: {label}", fontsize=9)
-        ax.set_ylabel("relative distance to precise BN (log)")
+        ax.set_ylabel("relative distance to precise BN (log;\ngeometric mean, 95% CI)")
         _epoch_axis(ax)
     return _finish(fig, title, notes)
 

@@ -170,25 +170,28 @@ def caption_lr(runs, curves) -> str:
     if fin.empty:
         return "No finished runs."
     regions = F.convergence_regions(fin)
+    fin = fin.assign(_learned=F.learned(fin))
     parts = []
     for pl, g in fin.groupby("bn.placement"):
         ok = g[~g["diverged"].astype(bool)]
         agg = F.aggregate(ok, ["optim.lr"], FINAL + "val/acc")
         spans = regions.get(str(pl), [])
         reg = " and ".join(f"[{_fmt_lr(lo)}, {_fmt_lr(hi)}]" for lo, hi in spans) or "no learning rate"
-        txt = f"{F._variant(pl)}: every seed converges for lr in {reg}"
-        # The best rate among those where no seed diverged: a mean over the survivors would flatter.
+        txt = f"{F._variant(pl)}: every seed learns for lr in {reg}"
+        # The best rate among those where every seed learned: a mean over the survivors would flatter.
         safe = agg[agg["optim.lr"].map(lambda x: any(lo <= x <= hi for lo, hi in spans))]
         if not safe.empty:
             best = safe.loc[safe["mean"].idxmax()]
             txt += f", where the best val/acc is {_agg(best)} at lr {_fmt_lr(best['optim.lr'])}"
-        d = g[g["diverged"].astype(bool)]
-        if not d.empty:
-            per = d.groupby("optim.lr").size()
-            txt += ", diverged: " + ", ".join(f"{k} of {int((g['optim.lr'] == lr).sum())} at lr {_fmt_lr(lr)}"
-                                              for lr, k in per.items())
+        for what, sel in (("diverged", g["diverged"].astype(bool)),
+                          ("stalled (finite loss, no learning)", ~g["diverged"].astype(bool) & ~g["_learned"])):
+            per = g[sel].groupby("optim.lr").size()
+            if not per.empty:
+                txt += f"; {what}: " + ", ".join(f"{k} of {int((g['optim.lr'] == lr).sum())} at lr {_fmt_lr(lr)}"
+                                                 for lr, k in per.items())
         parts.append(txt)
-    return "; ".join(parts) + "."
+    return ("A run learns when its loss stays finite and its final train/acc is at least "
+            f"{F.LEARNED:g} (twice chance). " + ". ".join(p[0].upper() + p[1:] for p in parts) + ".")
 
 
 def caption_placement(runs, curves) -> str:
