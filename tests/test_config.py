@@ -48,6 +48,16 @@ def test_every_study_composes_and_its_sweep_keys_exist(study):
     assert len(hashes) == len(jobs), "every grid point must have its own config hash"
 
 
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_study_has_a_card_with_its_command_and_conclusion(study):
+    card = cli.conf_dir().parent / "experiments" / f"{study}.md"
+    assert card.is_file(), f"experiments/{study}.md is missing"
+    text = card.read_text()
+    for part in ("**Question.**", "**Command.**", "**Conclusion.**", f"bnlab-train study={study}",
+                 f"bnlab-report study={study}"):
+        assert part in text, f"experiments/{study}.md lacks {part}"
+
+
 def test_study_grid_sizes():
     assert len(cli.expand_jobs(["study=momentum"])[0]) == 9
     assert len(cli.expand_jobs(["study=update_ops"])[0]) == 6
