@@ -222,7 +222,7 @@ def _new(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.8
 
 def _finish(fig: Figure, title: str, notes: Sequence[str] = (), legend_axes=None) -> Figure:
     # Left-aligned and wrapped to the figure's width: clear of the legend column on the right.
-    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 7.5)), fontsize=11, x=0.01, ha="left")
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 7.5), break_on_hyphens=False), fontsize=11, x=0.01, ha="left")
     handles, labels, seen = [], [], set()
     for ax in (legend_axes if legend_axes is not None else fig.axes):
         for h, lab in zip(*ax.get_legend_handles_labels()):
