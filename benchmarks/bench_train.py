@@ -199,6 +199,16 @@ def bnlab_runner(ds, threads: Optional[int], **train_opts) -> Callable[[], float
     return warmed(epoch)
 
 
+def build_all(build: Dict[str, Callable[[], Callable[[], float]]]) -> Dict[str, Callable[[], float]]:
+    """Build every variant (each runs its untimed warm-up epoch), printing how long that took."""
+    variants = {}
+    for k, f in build.items():
+        t0 = time.perf_counter()
+        variants[k] = f()
+        print(f"  warm-up epoch of {k}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return variants
+
+
 def warmed(epoch: Callable[[], float]) -> Callable[[], float]:
     epoch()  # untimed: first-touch allocations, torch.compile's compilation
     return epoch
@@ -224,11 +234,7 @@ def bench_throughput(args) -> dict:
     }
     if args.quick:
         build.pop("bnlab, train.threads=1, compile=true, amp=true (bf16)")
-    variants = {}
-    for k, f in build.items():
-        t0 = time.perf_counter()
-        variants[k] = f()
-        print(f"  warm-up epoch of {k}: {time.perf_counter() - t0:.1f} s", flush=True)
+    variants = build_all(build)
     vals = interleave(variants, args.rounds)
     base, base1 = f"{PLAIN}, {d} threads (torch default)", f"{PLAIN}, 1 thread"
     rows = table(vals, base, "ex/s")
@@ -546,11 +552,7 @@ def bench_scratch(args) -> dict:
         "native, compile=true": lambda: bnlab_runner(ds, 1, impl="native", compile=True),
         "scratch, compile=true": lambda: bnlab_runner(ds, 1, impl="scratch", compile=True),
     }
-    variants = {}
-    for k, f in build.items():
-        t0 = time.perf_counter()
-        variants[k] = f()
-        print(f"  warm-up epoch of {k}: {time.perf_counter() - t0:.1f} s", flush=True)
+    variants = build_all(build)
     vals = interleave(variants, args.rounds)
     rows = table(vals, "native", "ex/s")
     r = {k: v["ratio"] for k, v in rows.items()}
@@ -584,11 +586,7 @@ def bench_gpu(args) -> dict:
         "bnlab compile": lambda: gpu(compile=True),
         "bnlab compile amp cuda_graphs": lambda: gpu(compile=True, amp=True, cuda_graphs=True),
     }
-    variants = {}
-    for k, f in build.items():
-        t0 = time.perf_counter()
-        variants[k] = f()
-        print(f"  warm-up epoch of {k}: {time.perf_counter() - t0:.1f} s", flush=True)
+    variants = build_all(build)
     vals = interleave(variants, args.rounds)
     rows = table(vals, PLAIN + " (CUDA tensors)", "ex/s")
     best = max(rows, key=lambda k: rows[k]["median"])
