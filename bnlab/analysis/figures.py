@@ -664,28 +664,36 @@ def shadow_stat_curves(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else curves.iloc[0:0]
 
 
+def running_stats_curves(curves: pd.DataFrame) -> Tuple[pd.DataFrame, List[str], bool]:
+    """The usable curves that the running-statistics figure draws and its caption quotes, notes
+    on where they come from, and whether they are shadow averages. Where runs logged shadow
+    statistics, those (one series per momentum) at the largest batch size: the fewest steps per
+    epoch, where a small momentum stays stale longest."""
+    ok = _usable_curves(curves)
+    shadows = shadow_stat_curves(ok) if not ok.empty else ok
+    if shadows.empty:
+        return ok, [], False
+    notes = []
+    if "data.batch_size" in shadows and shadows["data.batch_size"].nunique() > 1:
+        bs = shadows["data.batch_size"].max()
+        shadows = shadows[shadows["data.batch_size"] == bs]
+        notes.append(f"batch size {bs}; other batch sizes in the study's summary.csv")
+    notes.append("momenta from shadow running averages of the same runs (bnstats/*_shadow/<m>)")
+    return shadows, notes, True
+
+
 def fig_running_stats(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> Figure:
     """How far the running mean and variance are from the precise-BN population statistics, per
     epoch (bnstats/mean_err, bnstats/var_err: mean relative distance over BN layers; log axis),
     one line per configuration (bn.momentum, batch size, ... whatever varies), mean and 95% CI.
     `runs` (optional) lets the footnote also count runs that logged no point at all."""
     title = "Running vs population statistics: small momentum (or no updates) keeps them stale"
-    ok = _usable_curves(curves)
-    notes = _notes(curves if runs is None else runs, "not averaged")
-    shadows = shadow_stat_curves(ok) if not ok.empty else ok
-    if not shadows.empty:
-        # Several momenta from one run's shadow averages: one line per momentum, at the largest
-        # batch size (fewest steps per epoch: where a small momentum stays stale longest).
-        if "data.batch_size" in shadows and shadows["data.batch_size"].nunique() > 1:
-            bs = shadows["data.batch_size"].max()
-            shadows = shadows[shadows["data.batch_size"] == bs]
-            notes.append(f"batch size {bs}; other batch sizes in the study's summary.csv")
-        notes.append("momenta from shadow running averages of the same runs (bnstats/*_shadow/<m>)")
-        ok = shadows
+    ok, shadow_notes, from_shadows = running_stats_curves(curves)
+    notes = _notes(curves if runs is None else runs, "not averaged") + shadow_notes
     ok = ok[ok["metric"].isin(["bnstats/mean_err", "bnstats/var_err"])] if not ok.empty else ok
     if ok.empty:
         return _empty(title, "no bnstats/* metrics logged", notes)
-    groups = ["bn.momentum"] if not shadows.empty else varying(ok.drop_duplicates("run_id"))
+    groups = ["bn.momentum"] if from_shadows else varying(ok.drop_duplicates("run_id"))
     fig, axes = _new(2, sharey=False)
     for ax, metric, label in [(axes[0, 0], "bnstats/mean_err", "running mean"),
                               (axes[0, 1], "bnstats/var_err", "running variance")]:

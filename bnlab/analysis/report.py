@@ -86,11 +86,7 @@ def _group_finals(curves: pd.DataFrame, metrics: Sequence[str], max_groups: int 
 
 
 def caption_running_stats(runs, curves) -> str:
-    shadows = F.shadow_stat_curves(F._usable_curves(curves)) if not curves.empty else curves
-    if not shadows.empty:  # the momenta of the figure: shadow averages at the largest batch size
-        if "data.batch_size" in shadows and shadows["data.batch_size"].nunique() > 1:
-            shadows = shadows[shadows["data.batch_size"] == shadows["data.batch_size"].max()]
-        curves = shadows
+    curves, _, _ = F.running_stats_curves(curves)  # what the figure draws
     lines = _group_finals(curves, ["bnstats/mean_err", "bnstats/var_err"])
     if not lines:
         return "No bnstats/* metrics were logged."
