@@ -377,18 +377,18 @@ def overheads_child(out: str, epochs: int, n_train: Optional[int]) -> None:
             super().end(*a, **k)
             timing["tracker_main"] += time.perf_counter() - t
 
-    real = (T.load_data, TR.ensure_experiment, T.train_epoch, T.epoch_metrics, T.BackgroundTracker.flush, TR.client)
+    real = (T.load_data, TR.ensure_experiment, T.train_epoch, T.epoch_metrics, TR.BackgroundTracker.flush, TR.client)
     TR.client = timed("store", TR.client)  # the first client opens (creates) the SQLite store
     T.load_data = timed("data", real[0])
     TR.ensure_experiment = timed("store", real[1])
     T.train_epoch, T.epoch_metrics = timed("train", real[2]), timed("eval", real[3])
-    T.BackgroundTracker.flush = timed("tracker_main", real[4])  # waits for queued writes
+    TR.BackgroundTracker.flush = timed("tracker_main", real[4])  # waits for queued writes
     cfg = bnlab_cfg(threads=1, epochs=epochs)
     cfg.data = DataConfig(train_subset=n_train)
     t_train0 = time.perf_counter()
     T.train(cfg, TimedTracker(uri, "bench", "overheads"))
     t_train1 = time.perf_counter()
-    T.load_data, TR.ensure_experiment, T.train_epoch, T.epoch_metrics, T.BackgroundTracker.flush, TR.client = real
+    T.load_data, TR.ensure_experiment, T.train_epoch, T.epoch_metrics, TR.BackgroundTracker.flush, TR.client = real
 
     # The cost of one epoch's log call, synchronous, on a second run of the same store.
     from bnlab.config import flatten, to_plain
@@ -454,7 +454,7 @@ def overheads_child(out: str, epochs: int, n_train: Optional[int]) -> None:
         def flush(self):
             self.q.join()
 
-    proc = T.BackgroundTracker(sync, process=True)
+    proc = TR.BackgroundTracker(sync, process=True)
     proc._spawn()  # the tracker has started already (sync.start above)
     t_wait = time.perf_counter()
     while not proc.in_process and time.perf_counter() - t_wait < 60:

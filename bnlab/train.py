@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import pickle
-import select
-import subprocess
 import sys
 import time
 import traceback
@@ -23,7 +19,7 @@ from bnlab import bn as bnm
 from bnlab.config import Config, ConfigError, Device, config_hash, flatten, to_plain
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.models import build_model
-from bnlab.tracking import TAG, NullTracker
+from bnlab.tracking import TAG, BackgroundTracker, NullTracker
 
 log = logging.getLogger("bnlab")
 
@@ -295,174 +291,6 @@ def train_epoch(s: Setup, batch_size: int, desc: str = "", progress: bool = Fals
     train_time = time.perf_counter() - t0
     return {"train/loss": loss_sum / seen, "train/acc": correct / seen,
             "perf/train_examples_per_s": seen / train_time}
-
-
-# ----------------------------------------------------------------------------- logging off the loop
-
-# The logging process: reads the pickled tracker, then (method, args) pairs from stdin, calls them
-# in order, and answers on its own copy of stdout: ("ready", None) once the tracker is loaded and
-# ("flushed", first error or None) at every "__flush__". It ignores Ctrl-C so that it can still
-# write what was queued; EOF on stdin (the trainer ended or died) ends it.
-_LOG_PROCESS = r"""
-import os, pickle, signal, sys, traceback
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
-os.dup2(2, 1)  # stray prints go to stderr, not into the protocol
-def send(msg):
-    pickle.dump(msg, out)
-    out.flush()
-def why(e):
-    return "".join(traceback.format_exception_only(type(e), e)).strip()
-try:
-    tracker = pickle.load(inp)
-except BaseException as e:
-    send(("failed", why(e)))
-    sys.exit(1)
-send(("ready", None))
-error = None
-while True:
-    try:
-        name, args = pickle.load(inp)
-    except EOFError:
-        break
-    if name == "__flush__":
-        send(("flushed", error))
-        error = None
-    elif error is None:  # after a failure, drop the rest: the run ends FAILED
-        try:
-            getattr(tracker, name)(*args)
-        except BaseException as e:
-            error = why(e)
-"""
-
-
-class BackgroundTracker:
-    """A tracker's log_epoch and set_tags, either synchronous or, with process=True, written by a
-    separate logging process so that a store write (3-4 ms on SQLite, ~90 ms over HTTP) costs the
-    training thread only a pickle and a pipe write.
-
-    A thread does not do: the write is mostly Python (SQLAlchemy) and holds the GIL, and measured
-    here a log call in a background thread cost the training thread as much time as the call
-    itself (benchmarks/bench_train.py overheads). The process starts after tracker.start(), gets
-    a pickled copy of the tracker, and takes over once it reports ready (until then, and for a
-    tracker that does not pickle or a platform without select() on pipes, calls stay synchronous).
-    Calls keep their order. start() and end() run here; end() first waits for every queued call.
-    A failed call in the process is raised here at the next flush()/end(), so train() records the
-    run FAILED.
-    """
-
-    def __init__(self, tracker, process: bool = False, timeout_s: float = 120.0):
-        self.tracker = tracker
-        self.timeout_s = timeout_s
-        self._want_process = process and os.name == "posix" and not isinstance(tracker, NullTracker)
-        self._proc: Optional[subprocess.Popen] = None
-        self._ready = False
-
-    @property
-    def run_id(self):
-        return getattr(self.tracker, "run_id", None)
-
-    @property
-    def in_process(self) -> bool:
-        """True once calls go to the logging process."""
-        return self._ready
-
-    def start(self, params, tags, config_text: str) -> None:
-        self.tracker.start(params, tags, config_text)
-        if self._want_process:
-            self._spawn()
-
-    def _spawn(self) -> None:
-        try:
-            blob = pickle.dumps(self.tracker)
-        except Exception as e:  # noqa: BLE001 - any tracker may be handed in; stay synchronous
-            log.debug("tracker does not pickle (%s): logging synchronously", e)
-            return
-        try:
-            self._proc = subprocess.Popen([sys.executable, "-c", _LOG_PROCESS], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE)
-            self._proc.stdin.write(blob)
-            self._proc.stdin.flush()
-        except OSError as e:
-            log.warning("could not start the logging process (%s): logging synchronously", e)
-            self._close()
-
-    def _poll_ready(self) -> None:
-        # Non-blocking: switch to the process once its "ready" is readable.
-        if self._proc is None or self._ready:
-            return
-        if not select.select([self._proc.stdout], [], [], 0)[0]:
-            return
-        kind, why = self._read()
-        if kind == "ready":
-            self._ready = True
-        else:
-            log.warning("the logging process could not load the tracker (%s): logging synchronously", why)
-            self._close()
-
-    def _read(self) -> Tuple[str, Optional[str]]:
-        try:
-            return pickle.load(self._proc.stdout)
-        except (EOFError, pickle.UnpicklingError, OSError) as e:
-            return "failed", f"logging process ended unexpectedly ({type(e).__name__})"
-
-    def _call(self, name: str, *args) -> None:
-        self._poll_ready()
-        if not self._ready:
-            getattr(self.tracker, name)(*args)
-            return
-        try:
-            pickle.dump((name, args), self._proc.stdin)
-            self._proc.stdin.flush()
-        except OSError as e:
-            raise RuntimeError(f"logging process is gone ({e}); metrics may be missing") from e
-
-    def log_epoch(self, step: int, metrics) -> None:
-        self._call("log_epoch", step, dict(metrics))
-
-    def set_tags(self, tags) -> None:
-        self._call("set_tags", dict(tags))
-
-    def flush(self) -> None:
-        """Wait until every queued call is written; raise the first error if one failed."""
-        if not self._ready:
-            return
-        self._call("__flush__")
-        # Blocking read; the process answers once everything before the flush has run.
-        ready = select.select([self._proc.stdout], [], [], self.timeout_s)[0]
-        kind, why = self._read() if ready else ("failed", f"no answer in {self.timeout_s:.0f} s")
-        if kind != "flushed" or why is not None:
-            self._close()
-            raise RuntimeError(f"a tracker call failed in the logging process: {why}")
-
-    def _close(self) -> None:
-        proc, self._proc, self._ready = self._proc, None, False
-        if proc is None:
-            return
-        for f in (proc.stdin, proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        try:
-            proc.wait(self.timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def end(self, status: str, error: Optional[str] = None) -> None:
-        try:
-            self.flush()
-        except Exception as e:  # noqa: BLE001 - still end the run, with the logging error
-            if status == "FINISHED":
-                status, error = "FAILED", str(e)
-            log.warning("%s", e)
-        finally:
-            self._close()
-        self.tracker.end(status, error)
-
-    def where(self) -> str:
-        return self.tracker.where()
 
 
 # ----------------------------------------------------------------------------- one run

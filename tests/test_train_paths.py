@@ -7,7 +7,7 @@ import torch
 
 from bnlab import train as train_mod
 from bnlab.config import Activation, BNConfig, Config, DataConfig, DataName, ModelConfig, TrainConfig
-from bnlab.tracking import MlflowTracker, NullTracker
+from bnlab.tracking import BackgroundTracker, MlflowTracker, NullTracker
 
 from conftest import runs_of, store_uri
 
@@ -88,7 +88,7 @@ def test_compiled_step_matches_eager_to_rounding():
 # ----------------------------------------------------------------------------- the logging process
 
 def test_logging_process_writes_every_epoch_in_order(home):
-    bt = train_mod.BackgroundTracker(MlflowTracker(store_uri(home), "unit", "via-process"), process=True)
+    bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "via-process"), process=True)
     bt.start({"seed": 0}, {"bnlab.seed": "0"}, "seed: 0\n")
     import time
 
@@ -110,7 +110,7 @@ def test_logging_process_writes_every_epoch_in_order(home):
 
 
 def test_a_failed_write_in_the_logging_process_fails_the_run(home):
-    bt = train_mod.BackgroundTracker(MlflowTracker(store_uri(home), "unit", "bad-write"), process=True)
+    bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "bad-write"), process=True)
     bt.start({}, {}, "")
     import time
 
@@ -130,7 +130,7 @@ def test_a_failed_write_in_the_logging_process_fails_the_run(home):
 
 
 def test_null_tracker_never_spawns_a_process():
-    bt = train_mod.BackgroundTracker(NullTracker(), process=True)
+    bt = BackgroundTracker(NullTracker(), process=True)
     bt.start({}, {}, "")
     bt.log_epoch(1, {"a": 1.0})
     bt.end("FINISHED")
