@@ -133,8 +133,9 @@ def varying_keys(jobs: Sequence[Sequence[str]]) -> List[str]:
 
 
 def parent_name(study: str, launched: Optional[float] = None) -> str:
-    """The sweep's parent run: the study and its launch time (local time), e.g. smoke 2026-11-24 13:40."""
-    return f"{study} {time.strftime('%Y-%m-%d %H:%M', time.localtime(launched))}"
+    """The sweep's parent run: the study and its launch time (local time, month-day hour:minute: the
+    runs table shows about 20 characters, and Created has the full date), e.g. smoke 11-24 13:40."""
+    return f"{study} {time.strftime('%m-%d %H:%M', time.localtime(launched))}"
 
 
 # ------------------------------------------------------------------------------- descriptions

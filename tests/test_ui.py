@@ -140,7 +140,7 @@ def test_ui_prints_the_runs_table_url_and_the_tracking_uri_line(served):
                          capture_output=True, text=True, cwd=str(home), env={**os.environ, "MLFLOW_TRACKING_URI": line},
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "update=off s=1" in out.stdout and "smoke 20" in out.stdout
+    assert "update=off s=1" in out.stdout and re.search(r"smoke \d\d-\d\d \d\d:\d\d", out.stdout)
     # the page itself is served
     assert b"<html" in ui.get("/").lower()
 
@@ -165,7 +165,7 @@ def test_run_names_are_short_unique_and_show_what_varies(served):
     assert names == ["update=off s=0", "update=off s=1", "update=on s=0", "update=on s=1"]
     assert len({n[:20] for n in names}) == 4
     (parent,) = parents
-    assert re.fullmatch(r"smoke \d{4}-\d\d-\d\d \d\d:\d\d", parent["info"]["run_name"])
+    assert re.fullmatch(r"smoke \d\d-\d\d \d\d:\d\d", parent["info"]["run_name"])
     for k in kids:
         p = {x["key"]: x["value"] for x in k["data"]["params"]}
         assert p["bn.update_stats"].lower() == ("true" if "update=on" in k["info"]["run_name"] else "false")
