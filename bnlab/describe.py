@@ -275,11 +275,13 @@ def view_state(varying: Sequence[str]) -> str:
                        "selectedColumns": cols + ["attributes.`Source`"], "columnOrder": cols})
 
 
-def experiment_tags(study: str, n_runs: Optional[int], varying: Sequence[str]) -> Dict[str, str]:
-    """Tags of a study's experiment: its description (shown above the runs table) and its columns
-    as a shared view (see view_state)."""
-    return {"mlflow.note.content": experiment_description(study, n_runs, varying),
-            f"mlflow.sharedViewState.{VIEW_KEY}": view_state(varying)}
+def experiment_tags(study: Optional[str], n_runs: Optional[int], varying: Sequence[str]) -> Dict[str, str]:
+    """Tags of a sweep's experiment: its columns as a shared view (see view_state) and, for a
+    study, its description (shown above the runs table)."""
+    tags = {f"mlflow.sharedViewState.{VIEW_KEY}": view_state(varying)}
+    if study:
+        tags["mlflow.note.content"] = experiment_description(study, n_runs, varying)
+    return tags
 
 
 def runs_url(base: str, experiment_id: str, view: bool = True) -> str:

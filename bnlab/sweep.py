@@ -180,7 +180,7 @@ class SweepCallback(Callback):
         study = config.tracking.study or exp
         key = sweep_key(exp, overrides)
         c = client(uri)
-        for k, v in describe.experiment_tags(study, n_runs, varying).items():
+        for k, v in describe.experiment_tags(config.tracking.study, n_runs, varying).items():
             c.set_experiment_tag(exp_id, k, v)
         found = c.search_runs([exp_id], max_results=1,
                               filter_string=f"tags.`{TAG}sweep_key` = '{key}' and tags.`{TAG}role` = 'sweep'")

@@ -112,6 +112,8 @@ def test_study_view_state_lists_the_varying_params_and_the_answer():
                        [f"mlflow.sharedViewState.{D.VIEW_KEY}"])
     assert state["selectedColumns"][:6] == ["params.`optim.lr`", "params.`bn.placement`", "params.`seed`",
                                             "metrics.`val/acc`", "metrics.`val/acc_precise_bn`", "metrics.`gap/acc`"]
+    # a sweep that is not a study (bnlab-train -m seed=0,1) gets the view but no study description
+    assert set(D.experiment_tags(None, 2, ["seed"])) == {f"mlflow.sharedViewState.{D.VIEW_KEY}"}
     url = D.runs_url("http://127.0.0.1:5000/", "7")
     assert url == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=bnlab"
 
