@@ -116,7 +116,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bnlab-ui", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="bnlab-ui", description=main.__doc__)
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--host", default="127.0.0.1", help="loopback by default; the UI has no authentication")
     ap.add_argument("--workers", type=int, default=2)
@@ -189,8 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("bnlab-ui: MLflow's own CLI and Python API on the same store:", flush=True)
         print(f"export MLFLOW_TRACKING_URI={store}", flush=True)
         code = proc.wait()
+        stop(proc)  # the server ended by itself: leave none of its workers behind
         sys.exit(code)
     except KeyboardInterrupt:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         stop(proc)
         print(f"bnlab-ui: stopped ({signal.Signals(stopping['sig'] or signal.SIGINT).name})", file=sys.stderr)
         sys.exit(0)
