@@ -115,6 +115,16 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In the server process before exec (Linux): SIGTERM it when bnlab-ui dies, even by SIGKILL;
+    the MLflow CLI then stops its uvicorn workers itself (measured here)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bnlab-ui", description=main.__doc__)
     ap.add_argument("--port", type=int, default=5000)
@@ -155,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"bnlab-ui: starting the MLflow UI on {url} over {store} ...", flush=True)
     # Its own session and process group: a terminal's Ctrl-C reaches only this process, which then
     # stops the whole group (the MLflow CLI and its uvicorn workers): no orphan keeps the port.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # A SIGKILL of bnlab-ui cannot be caught: the kernel then signals the server (_die_with_parent).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     stopping = {"sig": None}
 
     def on_signal(signum, frame):

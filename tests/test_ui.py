@@ -262,6 +262,23 @@ def test_sigint_stops_the_server_and_its_process_group(home):
     assert group_gone(pgid) and port_free(ui.port)
 
 
+def test_sigkill_of_bnlab_ui_still_stops_its_server(home):
+    ui, pgid = UI(home), None
+    try:
+        pgid = ui.server_pid()
+        ui.wait_for(r"^export MLFLOW_TRACKING_URI=")
+        ui.proc.kill()  # SIGKILL: no handler runs in bnlab-ui
+        ui.proc.wait(30)
+        end = time.time() + 30
+        while not (group_gone(pgid) and port_free(ui.port)):
+            assert time.time() < end, "the MLflow server outlived a SIGKILLed bnlab-ui"
+            time.sleep(0.2)
+    finally:
+        ui.kill()
+        if pgid and not group_gone(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 def test_sigterm_leaves_no_process_on_the_port(served):
     # last in this file: it stops the module's server
     ui, _ = served
