@@ -206,8 +206,11 @@ def main() -> int:
     finally:
         ui.send_signal(signal.SIGTERM)
         ui.wait(60)
+        shutil.rmtree(tmp / "chromium", ignore_errors=True)
         if not a.keep:
             shutil.rmtree(home, ignore_errors=True)
+            if a.out:
+                shutil.rmtree(tmp, ignore_errors=True)
     ok = True
     for what, good, path in seen:
         ok &= good
