@@ -136,7 +136,7 @@ async def drive(base: str, runs_url: str, parent: dict, kids: list, out: Path, p
         b.debug = out / "timeout.png"
         await b.goto(runs_url)
         await b.until(has_all([pname, "val/acc"]))
-        # the assistant side panel takes a third of the page: close it (a real user's one click)
+        # MLflow's chat side panel takes a third of the page: close it (a real user's one click)
         await b.js("(() => { const x = document.querySelector('button[aria-label=\"Close\"]'); x && x.click(); })()")
         # expand the sweep's row: the + button in the name cell of the parent
         await b.js("(() => { const a = [...document.querySelectorAll('a')].find(x => x.textContent === %s);"
