@@ -1,12 +1,10 @@
-"""Console scripts. The only module that imports Hydra: validate every job of the command first
+"""bnlab-train's console script. The only module that imports Hydra: validate every job of the command first
 (one clear line on bad input, nothing written), then compose -> to_object -> train."""
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -180,31 +178,3 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
             print(f"bnlab-train: {n} job(s) validated", flush=True)
     sys.argv = [sys.argv[0]] + args
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(_task)()
-
-
-# ---------------------------------------------------------------------------------- the UI
-
-def ui_main(argv: Optional[Sequence[str]] = None) -> None:
-    """bnlab-ui: the MLflow UI (an MLflow tracking server) on 127.0.0.1 over the project's store.
-    Runs may also log through it: tracking.uri=http://127.0.0.1:PORT."""
-    from bnlab.tracking import artifact_root, default_uri
-
-    ap = argparse.ArgumentParser(prog="bnlab-ui", description=ui_main.__doc__)
-    ap.add_argument("--port", type=int, default=5000)
-    ap.add_argument("--host", default="127.0.0.1", help="loopback by default; the UI has no authentication")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--backend-store-uri", default=None, help="default: the project's SQLite store")
-    a = ap.parse_args(argv)
-    store = a.backend_store_uri or default_uri()
-    if store.startswith("sqlite:///"):
-        Path(store[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-           "--artifacts-destination", str(artifact_root()), "--host", a.host, "--port", str(a.port),
-           "--workers", str(a.workers)]
-    print(f"bnlab-ui: MLflow UI on http://{a.host}:{a.port} over {store} (Ctrl-C stops it)", flush=True)
-    # MLflow 3.x servers start a pool of GenAI job workers by default: seconds of CPU for nothing here.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-    try:
-        sys.exit(subprocess.call(cmd, env=env))
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -3,7 +3,9 @@ and each job's MLflow context (parent run, tags, resume by config hash, dead-run
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -12,19 +14,40 @@ from typing import Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 
-from bnlab.config import Config, config_hash
+from bnlab import describe
+from bnlab.config import Config, config_hash, flatten
 from bnlab.tracking import TAG, MlflowTracker, client, ensure_experiment, git_info, pid_alive, resolve_uri
 
 log = logging.getLogger("bnlab")
 PARENT_FILE = ".bnlab_parent_run"
+VARYING_FILE = ".bnlab_varying_keys"  # JSON list: what run names show
 
 
-def run_name(overrides: List[str]) -> str:
-    """A readable run name from the job's overrides (MLflow's random names say nothing)."""
-    # Settings that change neither the result nor the question stay out of the name.
-    keep = [o for o in overrides if not o.startswith(("hydra", "tracking.", "study=", "train.threads=",
-                                                        "train.progress="))]
-    return ",".join(keep)[:250] or "default"
+def run_name(overrides: List[str], varying: Optional[List[str]] = None) -> str:
+    """A readable run name (MLflow's random names say nothing); the scheme is bnlab.describe.run_name."""
+    return describe.run_name(overrides, varying)
+
+
+def sweep_grid(config) -> Dict[str, List[str]]:
+    """Every key of a multirun and its values: the study's hydra.sweeper.params, then the command
+    line (which wins), combined as Hydra's basic sweeper and bnlab.cli.expand_jobs do."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    study = config.hydra.sweeper.get("params") or {}
+    lines = [f"{k}={v}" for k, v in study.items()] + list(config.hydra.overrides.task)
+    grid: Dict[str, List[str]] = {}
+    for p in OverridesParser.create().parse_overrides(lines):
+        key = p.get_key_element().lstrip("+~")
+        if not key.startswith("hydra"):
+            grid[key] = list(p.sweep_string_iterator()) if p.is_sweep_override() else [p.get_value_element_as_str()]
+    return grid
+
+
+def sweep_varying(hc) -> Optional[List[str]]:
+    """The keys this job's sweep varies, as the sweep callback recorded them (None if unknown)."""
+    f = Path(hc.sweep.dir) / VARYING_FILE
+    text = f.read_text() if f.is_file() else os.environ.get("BNLAB_VARYING")
+    return json.loads(text) if text else None
 
 
 def sweep_key(cfg_experiment: str, overrides: List[str]) -> str:
@@ -109,7 +132,8 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
         tags[TAG + "sweep_dir"] = str(hc.sweep.dir)
         if parent:
             tags[TAG + "sweep_id"] = parent
-    tracker = MlflowTracker(uri, exp, run_name(overrides), parent_run_id=parent)
+    tracker = MlflowTracker(uri, exp, run_name(overrides, sweep_varying(hc) if multirun else None),
+                            parent_run_id=parent)
     return JobContext(tracker, tags=tags, parent_run_id=parent, uri=uri)
 
 
@@ -120,6 +144,22 @@ def interrupted(ctx: JobContext) -> None:
             client(ctx.uri).set_terminated(ctx.parent_run_id, status="KILLED")
         except Exception as e:  # the store may be unreachable; the next relaunch cleans up
             log.warning("could not mark the sweep's parent run KILLED: %s", e)
+
+
+def _flat_config(config) -> Dict[str, object]:
+    """The multirun's composed config without its hydra node, flat (sweep values not applied)."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    return flatten(OmegaConf.to_container(plain, resolve=True, enum_to_str=True))
+
+
+def _log_params(c, run_id: str, params: Dict[str, object]) -> None:
+    from mlflow.entities import Param
+
+    ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(ps), 100):
+        c.log_batch(run_id, params=ps[i:i + 100])
 
 
 class SweepCallback(Callback):
@@ -134,8 +174,14 @@ class SweepCallback(Callback):
         if killed:
             log.info("marked %d run(s) of dead processes KILLED", killed)
         overrides = list(config.hydra.overrides.task)
+        grid = sweep_grid(config)
+        varying = [k for k, v in grid.items() if len(v) > 1]
+        n_runs = math.prod(len(v) for v in grid.values())
+        study = config.tracking.study or exp
         key = sweep_key(exp, overrides)
         c = client(uri)
+        for k, v in describe.experiment_tags(config.tracking.study, n_runs, varying).items():
+            c.set_experiment_tag(exp_id, k, v)
         found = c.search_runs([exp_id], max_results=1,
                               filter_string=f"tags.`{TAG}sweep_key` = '{key}' and tags.`{TAG}role` = 'sweep'")
         tags = {TAG + "role": "sweep", TAG + "sweep_key": key, TAG + "host": socket.gethostname(),
@@ -148,12 +194,17 @@ class SweepCallback(Callback):
             for k, v in tags.items():
                 c.set_tag(run_id, k, v)
         else:
-            name = f"sweep:{config.tracking.study or exp}" + (f" {run_name(overrides)}" if overrides else "")
-            run_id = c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+            note = describe.sweep_description(study, n_runs, varying, overrides)
+            run_id = c.create_run(exp_id, run_name=describe.parent_name(study), tags={
+                **tags, **describe.standard_tags(describe.source_name(config.tracking.study)),
+                "mlflow.note.content": note}).info.run_id
+            _log_params(c, run_id, describe.fixed_params(_flat_config(config), varying))
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(run_id)
         os.environ["BNLAB_PARENT_RUN"] = run_id
+        (sweep_dir / VARYING_FILE).write_text(json.dumps(varying))
+        os.environ["BNLAB_VARYING"] = json.dumps(varying)
         self.parent, self.uri = run_id, uri
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -356,3 +356,23 @@ class BackgroundTracker:
 
     def where(self) -> str:
         return self.tracker.where()
+
+
+# ----------------------------------------------------------------------------- report artifacts
+
+def attach_to_latest_sweep(uri: Optional[str], experiment: str, folder: Path,
+                           artifact_path: str = "report") -> Optional[str]:
+    """Log every file of `folder` (a study's figures, summary.csv, section.md) as artifacts of the
+    experiment's most recent sweep parent run, so the UI shows the answer beside the runs.
+    Returns that run's id, or None when the experiment has no sweep run."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}role` = 'sweep'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    c.log_artifacts(run_id, str(folder), artifact_path)
+    return run_id

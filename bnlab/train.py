@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab import bn as bnm
-from bnlab.config import Config, ConfigError, Device, config_hash, flatten, to_plain
+from bnlab import describe
+from bnlab.config import Config, ConfigError, Device, config_hash
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.models import build_model
 from bnlab.tracking import TAG, BackgroundTracker, NullTracker
@@ -308,8 +309,9 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
     # On CUDA an epoch takes tens of ms and one store write several: write from a logging process.
     # On CPU an epoch takes seconds and a write is under 0.1% of it: synchronous is cheapest.
     tracker = BackgroundTracker(tracker or NullTracker(), process=s.device.type == "cuda")
-    params = flatten(to_plain(cfg))
-    tracker.start(params, {**run_tags(cfg), **(extra_tags or {})}, config_text)
+    # What defines the run (bookkeeping left out, see bnlab.describe); config_text has everything.
+    params = describe.run_params(cfg)
+    tracker.start(params, {**run_tags(cfg), **describe.run_tags(cfg), **(extra_tags or {})}, config_text)
     final: Dict[str, float] = {}
     try:
         for epoch in range(1, cfg.train.epochs + 1):

@@ -329,7 +329,8 @@ def test_real_training_run_matches_the_contract(store):
     row = runs.iloc[0]
     assert row["status"] == "FINISHED" and not row["diverged"]
     assert math.isnan(row["bn.momentum"]) and row["bn.shadow_momenta"] == [0.0, 0.01]
-    assert row["data.name"] == "synthetic" and row["data.batch_size"] == 32 and row["train.threads"] == 1
+    assert row["data.name"] == "synthetic" and row["data.batch_size"] == 32
+    assert row["tags.bnlab.threads"] == "1" and "train.threads" not in row  # threads: bookkeeping, a tag
     for k, v in final.items():
         assert row[f"final/{k}"] == pytest.approx(v, rel=1e-6)
     curves = R.load_curves("real", store.uri)

@@ -382,9 +382,23 @@ def report_study(study: str, uri: str, out: Path, log=print) -> Optional[Path]:
         log(f"[{study}] wrote {paths[0]} and {paths[1].name}")
     section = folder / "section.md"
     section.write_text("\n".join(lines))
+    _attach(study, uri, folder, log)
     if failed:
         raise RuntimeError(f"{failed} figure(s) of study {study} failed")
     return section
+
+
+def _attach(study: str, uri: str, folder: Path, log) -> None:
+    """The figures and summary.csv also go to the study's latest sweep run (MLflow UI, Artifacts)."""
+    from bnlab.tracking import attach_to_latest_sweep
+
+    try:
+        run_id = attach_to_latest_sweep(uri, study, folder)
+    except Exception as e:  # noqa: BLE001 - a read-only store must not lose the report itself
+        log(f"[{study}] could not attach the report to its sweep run: {e}")
+        return
+    if run_id:
+        log(f"[{study}] attached to sweep run {run_id} (artifacts report/)")
 
 
 def assemble(out: Path, studies_first: Sequence[str]) -> Path:
