@@ -18,7 +18,7 @@ from torch import nn
 from bnlab import bn as bnm
 from bnlab.config import Config, ConfigError, Device, config_hash, flatten, to_plain
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
-from bnlab.models import build_model
+from bnlab.models import build_model, natural_shape
 from bnlab.tracking import TAG, BackgroundTracker, NullTracker
 
 log = logging.getLogger("bnlab")
@@ -147,6 +147,16 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=0.5, unit="batch")
 
 
+def model_artifact(model: nn.Module, cfg: Config, ds: Dataset) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(the final state dict on the CPU, the resolved config and example shape as JSON text): what
+    tracker.log_model saves and bnlab.load_run rebuilds the model from."""
+    import json
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    text = json.dumps({"config": to_plain(cfg), "shape": list(ds.shape), "classes": ds.classes}, indent=1)
+    return state, text
+
+
 def run_tags(cfg: Config) -> Dict[str, str]:
     return {TAG + "config_hash": config_hash(cfg), TAG + "seed": str(cfg.seed),
             TAG + "diverged": "false"}
@@ -262,9 +272,9 @@ def setup(cfg: Config, data: Optional[Dataset] = None) -> Setup:
         # The cumulative average reads num_batches_tracked on the host every step: not capturable.
         raise ConfigError("train.cuda_graphs needs a fixed bn.momentum and bn.shadow_momenta "
                           "(null, the cumulative average, reads a counter on the host every step)")
-    ds = (data or load_data(cfg.data)).to(device)
+    ds = (data or load_data(cfg.data, natural_shape(cfg.model))).to(device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.bn).to(device)
+    model = build_model(cfg.model, cfg.bn, ds.shape, ds.classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -330,6 +340,8 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
                      epoch, cfg.train.epochs, m["train/loss"], m["train/acc"], m["val/acc"],
                      f"val/acc_batch_stats {m['val/acc_batch_stats']:.4f}" if "val/acc_batch_stats" in m else "",
                      m["perf/train_examples_per_s"])
+        if "diverged_epoch" not in final:  # a NaN model is nothing to keep
+            tracker.log_model(*model_artifact(s.model, cfg, s.ds))
         tracker.flush()  # a failed write is this run's error, handled below
     except KeyboardInterrupt:
         tracker.end("KILLED", "interrupted (Ctrl-C)")
