@@ -104,7 +104,8 @@ def _verdict(acc: dict, layers, never_updated: List[str], tol: float) -> str:
                  f"validation data"]
     else:
         words = [f"healthy: running statistics are within {abs(gain):.1f} points of precise BN "
-                 f"({pts(run):.1f}% vs {pts(prec):.1f}%)"]
+                 f"({pts(run):.1f}% vs {pts(prec):.1f}%); largest distance to the population: mean "
+                 f"{layers['mean_err'].max():.3f}, var {layers['var_err'].max():.3f}"]
     if gain == gain and pts(prec) - pts(batch) >= tol:
         words.append(f"evaluating with batch statistics at this batch size costs {pts(prec) - pts(batch):.1f} "
                      f"points: keep the model in eval mode at test time")
