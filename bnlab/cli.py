@@ -90,6 +90,7 @@ def validate_job(job: List[str]) -> Config:
     from bnlab.config import flatten, to_plain
 
     extra = set(flatten(OmegaConf.to_container(dcfg))) - set(flatten(to_plain(Config())))
+    extra = {k for k in extra if not k.startswith("model.kwargs.")}  # a custom model's own arguments
     if extra:
         key = sorted(extra)[0]
         raise ConfigError(f"{key}: no such field (see bnlab/config.py or `bnlab-train --cfg job`)")
