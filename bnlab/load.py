@@ -7,7 +7,6 @@ import json
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch

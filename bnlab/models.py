@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bnlab import bn as bnm
-from bnlab.config import Activation, BNConfig, ConfigError, ModelConfig, ModelName, Placement
+from bnlab.config import Activation, BNConfig, ConfigError, ModelConfig, Placement
 
 
 def _activation(name: Activation) -> nn.Module:

@@ -2,8 +2,6 @@
 torch model whose BN never moved), a healthy verdict on one trained normally, the model untouched."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bnlab import bn, cli
-from bnlab.config import Activation, BNConfig, Config, ConfigError, ModelConfig, ModelName, Placement
+from bnlab.config import Activation, BNConfig, ConfigError, ModelConfig, ModelName, Placement
 from bnlab.data import DataError, cifar10, load_cifar10, load_data, load_tensors
 from bnlab.models import build_model
 
