@@ -323,6 +323,11 @@ def config_hash(cfg: Config) -> str:
     plain.pop("tracking")
     plain["train"].pop("progress")
     plain["train"].pop("threads")  # changes speed, not results
+    # Fields added for other models and datasets count only when set, so runs logged before they
+    # existed keep their hash (and a relaunched study still skips them).
+    for group, key in (("data", "path"), ("data", "synthetic_shape"), ("model", "target"), ("model", "kwargs")):
+        if plain[group].get(key) in (None, {}, []):
+            plain[group].pop(key, None)
     blob = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -333,3 +333,14 @@ def test_resnet20_smoke_run_then_load_run_and_bnlab_diagnose(home, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("bnlab-diagnose: error: no run")
     other = run_cli("bnlab-diagnose", run_id, "seed=3", home=home, cwd=tmp_path, timeout=300)
     assert other.returncode == 2 and "takes tracking.uri=URI and data.root=DIR" in other.stderr
+
+
+def test_import_bnlab_is_cheap_and_exports_the_instruments():
+    import subprocess
+    import sys
+
+    code = ("import sys, bnlab; assert 'torch' not in sys.modules and 'mlflow' not in sys.modules; "
+            "from bnlab import convert_bn, diagnose, load_run; from bnlab import bn; "
+            "assert bn.convert_bn is convert_bn and bn.diagnose is diagnose and callable(load_run); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
