@@ -7,13 +7,14 @@ import json
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from bnlab.config import Config, ConfigError, from_plain
-from bnlab.tracking import MODEL_ARTIFACT, client
+from bnlab.tracking import MODEL_ARTIFACT, client, resolve_uri
 
 
 class RunError(ValueError):
@@ -38,6 +39,10 @@ def load_run(run_id: str, tracking_uri: Optional[str] = None) -> LoadedRun:
 
     from bnlab.models import build_model
 
+    uri = resolve_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # Reading must not create an empty store.
+        raise RunError(f"no MLflow store at {uri} (set tracking.uri=URI)")
     c = client(tracking_uri)
     try:
         run = c.get_run(run_id)

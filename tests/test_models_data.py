@@ -333,6 +333,10 @@ def test_resnet20_smoke_run_then_load_run_and_bnlab_diagnose(home, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("bnlab-diagnose: error: no run")
     other = run_cli("bnlab-diagnose", run_id, "seed=3", home=home, cwd=tmp_path, timeout=300)
     assert other.returncode == 2 and "takes tracking.uri=URI and data.root=DIR" in other.stderr
+    nowhere = run_cli("bnlab-diagnose", run_id, f"tracking.uri=sqlite:///{tmp_path / 'none.db'}", home=home,
+                      cwd=tmp_path, timeout=300)
+    assert nowhere.returncode == 2 and "no MLflow store at" in nowhere.stderr
+    assert not (tmp_path / "none.db").exists(), "reading a run never creates a store"
 
 
 def test_import_bnlab_is_cheap_and_exports_the_instruments():
