@@ -62,6 +62,18 @@ def test_update_stats_false_is_stale_and_normal_training_is_healthy():
     gain = 100 * (acc["precise"] - acc["running"])
     assert f"recovers {gain:.1f} points" in d.verdict
 
+    # The per-layer distances are those of bn.running_stats_error against precise BN on the same batches,
+    # and the precise row is the precise-BN model's evaluation.
+    for s in (stale, healthy):
+        ref = bnlab.bn.precise_bn(s.model, train_batches(s.ds.x_train, s.ds.y_train, 32, torch.Generator().manual_seed(5)),
+                                  1000)
+        err = bnlab.bn.running_stats_error(s.model, ref)
+        assert s.d.layers["mean_err"].mean() == pytest.approx(err["mean_err"], rel=1e-12)
+        assert s.d.layers["var_err"].mean() == pytest.approx(err["var_err"], rel=1e-12)
+        ev = train_mod.evaluate(ref, s.ds.x_val, s.ds.y_val, 32)
+        assert s.d.evals.loc["precise", "acc"] == pytest.approx(ev["acc"])
+        assert s.d.evals.loc["precise", "loss"] == pytest.approx(ev["loss"], rel=1e-5)
+
     h = healthy.d
     assert abs(h.evals["acc"]["precise"] - h.evals["acc"]["running"]) < 0.02
     assert (h.layers["mean_err"] < 0.3).all() and (h.layers["batches_tracked"] == 64).all()
