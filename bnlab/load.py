@@ -1,5 +1,5 @@
-"""Runs keep their model: `load_run(run_id)` rebuilds a finished run's model from its MLflow artifact
-(tracking.MODEL_ARTIFACT), and `bnlab-diagnose RUN_ID` prints the BN diagnosis of that model."""
+"""Runs keep their model: `model_artifact` is what a run saves at its end (tracking.MODEL_ARTIFACT),
+`load_run(run_id)` rebuilds the model from it, and `bnlab-diagnose RUN_ID` prints its BN diagnosis."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +8,22 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from bnlab.config import Config, ConfigError, from_plain
+from bnlab.config import Config, ConfigError, from_plain, to_plain
 from bnlab.tracking import MODEL_ARTIFACT, client, resolve_uri
+
+
+def model_artifact(model: nn.Module, cfg: Config, ds) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(the final state dict on the CPU, the resolved config with the example shape and number of
+    classes as JSON text): the arguments of tracker.log_model, all load_run needs to rebuild the model.
+    float32 weights as trained: 190 KB for LeNet, 1.1 MB for ResNet-20."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    text = json.dumps({"config": to_plain(cfg), "shape": list(ds.shape), "classes": ds.classes}, indent=1)
+    return state, text
 
 
 class RunError(ValueError):

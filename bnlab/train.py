@@ -18,6 +18,7 @@ from torch import nn
 from bnlab import bn as bnm
 from bnlab.config import Config, ConfigError, Device, config_hash, flatten, to_plain
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
+from bnlab.load import model_artifact
 from bnlab.models import build_model, natural_shape
 from bnlab.tracking import TAG, BackgroundTracker, NullTracker
 
@@ -145,16 +146,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()),
                 mininterval=0.5, unit="batch")
-
-
-def model_artifact(model: nn.Module, cfg: Config, ds: Dataset) -> Tuple[Dict[str, torch.Tensor], str]:
-    """(the final state dict on the CPU, the resolved config and example shape as JSON text): what
-    tracker.log_model saves and bnlab.load_run rebuilds the model from."""
-    import json
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    text = json.dumps({"config": to_plain(cfg), "shape": list(ds.shape), "classes": ds.classes}, indent=1)
-    return state, text
 
 
 def run_tags(cfg: Config) -> Dict[str, str]:
