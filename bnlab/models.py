@@ -77,7 +77,8 @@ class _Residual(nn.Module):
         bias = b.placement != Placement.before_act  # a BN right after the conv makes its bias redundant
         self.first = nn.Sequential(*block(nn.Conv2d(cin, cout, 3, stride, 1, bias=bias), cout, 2, activation, b))
         second = block(nn.Conv2d(cout, cout, 3, 1, 1, bias=bias), cout, 2, activation, b)
-        cut = next(i for i, layer in enumerate(second) if isinstance(layer, (nn.ReLU, nn.Sigmoid)))
+        act = type(_activation(activation))
+        cut = next(i for i, layer in enumerate(second) if type(layer) is act)
         self.pre_add, self.post_add = nn.Sequential(*second[:cut]), nn.Sequential(*second[cut:])
         self.stride, self.pad = stride, cout - cin
 
