@@ -88,6 +88,7 @@ def validate_job(job: List[str]) -> Config:
     from bnlab.config import flatten, to_plain
 
     extra = set(flatten(OmegaConf.to_container(dcfg))) - set(flatten(to_plain(Config())))
+    extra = {k for k in extra if not k.startswith("model.kwargs.")}  # a custom model's own arguments
     if extra:
         key = sorted(extra)[0]
         raise ConfigError(f"{key}: no such field (see bnlab/config.py or `bnlab-train --cfg job`)")
@@ -97,7 +98,7 @@ def validate_job(job: List[str]) -> Config:
 def preflight(args: Sequence[str]) -> Tuple[int, bool]:
     """Validate every job and the data it needs before anything runs or is written.
     Returns (number of jobs, multirun); raises ConfigError/DataError with one line."""
-    from bnlab.data import load_fashion_mnist
+    from bnlab.data import preflight_data
 
     overrides = [a for a in args if not a.startswith("-")]
     try:
@@ -108,8 +109,7 @@ def preflight(args: Sequence[str]) -> Tuple[int, bool]:
         raise
     except Exception as e:  # Hydra/OmegaConf composition and validation errors
         raise ConfigError(_error_line(e)) from e
-    for root in {c.data.root for c in cfgs if c.data.name == DataName.fashion_mnist}:
-        load_fashion_mnist(root)  # reads and checks every file: missing, corrupt, truncated
+    preflight_data(cfgs)  # every dataset read and checked once, every model built on its data
     return len(cfgs), multirun
 
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -23,11 +23,15 @@ def _fail(key: str, allowed: str, got: Any) -> None:
 class DataName(str, Enum):
     fashion_mnist = "fashion_mnist"
     synthetic = "synthetic"
+    cifar10 = "cifar10"  # the CIFAR-10 python tarball (cifar-10-python.tar.gz)
+    tensors = "tensors"  # a user's own .pt/.npz file (data.path)
 
 
 class ModelName(str, Enum):
     lenet = "lenet"
     mlp = "mlp"
+    resnet20 = "resnet20"  # CIFAR-style ResNet-20 (He et al. 2016, sec. 4.2)
+    custom = "custom"  # any importable nn.Module class or factory (model.target)
 
 
 class Activation(str, Enum):
@@ -64,11 +68,17 @@ class Device(str, Enum):
 
 @dataclass
 class DataConfig:
-    # Which dataset: the real Fashion-MNIST, or a small deterministic synthetic image set for tests.
+    # Which dataset: the real Fashion-MNIST, CIFAR-10, a user's own tensors file (data.path), or a
+    # small deterministic synthetic image set for tests.
     name: DataName = DataName.fashion_mnist
-    # Folder holding the four Fashion-MNIST IDX .gz files; null = $BNLAB_DATA, then Debian's
-    # /usr/share/datasets/fashion-mnist, then a checksum-verified download into the cache.
+    # Folder holding the dataset's files (the four Fashion-MNIST IDX .gz files, or
+    # cifar-10-python.tar.gz); null = $BNLAB_DATA, then (Fashion-MNIST) Debian's
+    # /usr/share/datasets/fashion-mnist, then the cache <project>/runs/data/, downloading into it
+    # (checksum verified) where a network is reachable.
     root: Optional[str] = None
+    # data=tensors only: a .pt (torch.save of a dict) or .npz file holding x_train (N, C, H, W) or
+    # (N, D) floats, y_train (N,) integer labels 0..K-1, x_val, y_val.
+    path: Optional[str] = None
     # Training mini-batch size (examples). The last partial training batch is dropped.
     batch_size: int = 256
     # Batch size (examples) of the evaluation passes with running statistics; does not change results.
@@ -83,6 +93,9 @@ class DataConfig:
     synthetic_train: int = 2048
     # Synthetic data only: validation set size (examples).
     synthetic_val: int = 512
+    # Synthetic data only: the shape of one example, e.g. [3, 32, 32]; null = the shape the model
+    # needs (1x28x28 for lenet/mlp, 3x32x32 for resnet20 and custom models).
+    synthetic_shape: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -96,20 +109,36 @@ class DataConfig:
         for key in ("synthetic_train", "synthetic_val"):
             if getattr(self, key) < 1:
                 _fail(f"data.{key}", ">= 1", getattr(self, key))
+        if self.synthetic_shape is not None and (
+                not 1 <= len(self.synthetic_shape) <= 3 or any(d < 1 for d in self.synthetic_shape)):
+            _fail("data.synthetic_shape", "null or a list of 1 to 3 positive sizes such as [3, 32, 32]",
+                  list(self.synthetic_shape))
+        if self.name == DataName.tensors and not self.path:
+            _fail("data.path", "a .pt or .npz file with x_train, y_train, x_val, y_val when data=tensors",
+                  self.path)
 
 
 @dataclass
 class ModelConfig:
-    # Architecture: LeNet-5 as in Dive into Deep Learning 7.5 (avg pooling), or a 2-hidden-layer MLP.
+    # Architecture (registry in bnlab/models.py): LeNet-5 as in Dive into Deep Learning 7.5 (avg
+    # pooling), a 2-hidden-layer MLP, ResNet-20 for 32x32 images, or custom (model.target).
     name: ModelName = ModelName.lenet
     # Non-linearity after every hidden layer.
     activation: Activation = Activation.sigmoid
     # MLP only: widths of the hidden layers.
     hidden: List[int] = field(default_factory=lambda: [256, 128])
+    # model=custom only: "package.module:factory", an importable nn.Module class or a function
+    # returning an nn.Module (the working directory is on the import path). Its BN layers are
+    # converted to bnlab's BatchNorm with the bn.* options (bnlab.convert_bn).
+    target: Optional[str] = None
+    # model=custom only: keyword arguments of the factory, e.g. {num_classes: 10}.
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):
             _fail("model.hidden", "a non-empty list of positive widths", self.hidden)
+        if self.name == ModelName.custom and (not self.target or ":" not in self.target):
+            _fail("model.target", "'package.module:factory' when model=custom", self.target)
 
 
 DEFAULT_MOMENTUM = 0.1
@@ -255,6 +284,10 @@ class Config:
         # Cross-field: a BN training batch of one example normalises every output to beta.
         if self.bn.enabled and self.data.batch_size < 2:
             _fail("data.batch_size", ">= 2 when BN is used (bn.placement != none)", self.data.batch_size)
+        # A user's model keeps the BN placement its own code chose; bnlab only converts its BN layers.
+        if self.model.name == ModelName.custom and self.bn.placement != Placement.before_act:
+            _fail("bn.placement", "before_act with model=custom (its own code places BN; "
+                  "bnlab converts its BN layers)", self.bn.placement.value)
 
 
 def to_plain(cfg: Config) -> dict:
@@ -290,8 +323,37 @@ def config_hash(cfg: Config) -> str:
     plain.pop("tracking")
     plain["train"].pop("progress")
     plain["train"].pop("threads")  # changes speed, not results
+    # Fields added for other models and datasets count only when set, so runs logged before they
+    # existed keep their hash (and a relaunched study still skips them).
+    for group, key in (("data", "path"), ("data", "synthetic_shape"), ("model", "target"), ("model", "kwargs")):
+        if plain[group].get(key) in (None, {}, []):
+            plain[group].pop(key, None)
     blob = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def from_plain(d: dict) -> Config:
+    """The inverse of to_plain: a Config from plain values (e.g. a saved run's config), checked."""
+    import typing
+
+    def build(cls, values: dict):
+        if not isinstance(values, dict):
+            raise ConfigError(f"{cls.__name__} needs a mapping, got {values!r}")
+        hints = typing.get_type_hints(cls)
+        unknown = set(values) - set(hints)
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: no such field in {cls.__name__}")
+        kwargs = {}
+        for k, v in values.items():
+            t = hints[k]
+            if isinstance(t, type) and issubclass(t, Enum):
+                v = t(v)
+            elif hasattr(t, "__dataclass_fields__"):
+                v = build(t, v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    return build(Config, d)
 
 
 def register_configs() -> None:

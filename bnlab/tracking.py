@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
 TAG = "bnlab."  # prefix of every bnlab tag
+MODEL_ARTIFACT = "model.pt"  # a finished run's model: torch.save({"state_dict", "config"}) (bnlab/load.py)
 log = logging.getLogger("bnlab")
 
 
@@ -123,6 +124,9 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
+    def log_model(self, state: Mapping[str, object], config_text: str) -> None:
+        pass
+
     def end(self, status: str, error: Optional[str] = None) -> None:
         pass
 
@@ -170,6 +174,18 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_model(self, state: Mapping[str, object], config_text: str) -> None:
+        """The final state dict (CPU tensors) and the resolved config (JSON text) as one artifact,
+        MODEL_ARTIFACT, that bnlab.load_run rebuilds the model from."""
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / MODEL_ARTIFACT
+            torch.save({"state_dict": dict(state), "config": config_text}, path)
+            self._client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str, error: Optional[str] = None) -> None:
         if self.run_id is None:
@@ -315,6 +331,9 @@ class BackgroundTracker:
 
     def set_tags(self, tags) -> None:
         self._call("set_tags", dict(tags))
+
+    def log_model(self, state, config_text: str) -> None:
+        self._call("log_model", dict(state), config_text)
 
     def flush(self) -> None:
         """Wait until every queued call is written; raise the first error if one failed."""

@@ -19,7 +19,8 @@ from bnlab import bn as bnm
 from bnlab import describe
 from bnlab.config import Config, ConfigError, Device, config_hash
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
-from bnlab.models import build_model
+from bnlab.load import model_artifact
+from bnlab.models import build_model, natural_shape
 from bnlab.tracking import TAG, BackgroundTracker, NullTracker
 
 log = logging.getLogger("bnlab")
@@ -263,9 +264,9 @@ def setup(cfg: Config, data: Optional[Dataset] = None) -> Setup:
         # The cumulative average reads num_batches_tracked on the host every step: not capturable.
         raise ConfigError("train.cuda_graphs needs a fixed bn.momentum and bn.shadow_momenta "
                           "(null, the cumulative average, reads a counter on the host every step)")
-    ds = (data or load_data(cfg.data)).to(device)
+    ds = (data or load_data(cfg.data, natural_shape(cfg.model))).to(device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.bn).to(device)
+    model = build_model(cfg.model, cfg.bn, ds.shape, ds.classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -332,6 +333,8 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
                      epoch, cfg.train.epochs, m["train/loss"], m["train/acc"], m["val/acc"],
                      f"val/acc_batch_stats {m['val/acc_batch_stats']:.4f}" if "val/acc_batch_stats" in m else "",
                      m["perf/train_examples_per_s"])
+        if "diverged_epoch" not in final:  # a NaN model is nothing to keep
+            tracker.log_model(*model_artifact(s.model, cfg, s.ds))
         tracker.flush()  # a failed write is this run's error, handled below
     except KeyboardInterrupt:
         tracker.end("KILLED", "interrupted (Ctrl-C)")

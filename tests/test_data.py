@@ -84,8 +84,8 @@ def test_wrong_counts_are_rejected(tmp_path):
 
 def test_missing_everywhere_and_no_network_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("BNLAB_DATA", raising=False)
-    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "nowhere")
-    monkeypatch.setattr(data, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(data.fashion_mnist, "DEBIAN_ROOT", tmp_path / "nowhere")
+    monkeypatch.setattr(data.fashion_mnist, "cache_dir", lambda: tmp_path / "cache")
 
     def offline(*a, **k):
         raise OSError("network is unreachable")
@@ -98,7 +98,7 @@ def test_missing_everywhere_and_no_network_says_how_to_get_it(tmp_path, monkeypa
 def test_env_var_root_is_used(tmp_path, monkeypatch):
     root = fake_root(tmp_path, n_train=5, n_test=5)
     monkeypatch.setenv("BNLAB_DATA", str(root))
-    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "nowhere")
+    monkeypatch.setattr(data.fashion_mnist, "DEBIAN_ROOT", tmp_path / "nowhere")
     assert data.locate_fashion_mnist(None) == root
 
 

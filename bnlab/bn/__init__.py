@@ -3,7 +3,9 @@
 - functional.py: the maths as pure functions (batch statistics, normalisation, EMA, conventions);
 - module.py: the BatchNorm module (PyTorch and TensorFlow conventions, shadow averages);
 - modes.py: whole-model helpers (find BN layers, switch updates, batch-statistics/shadow evaluation);
-- precise.py: precise-BN recalibration and the distance of running to population statistics.
+- precise.py: precise-BN recalibration and the distance of running to population statistics;
+- convert.py: convert_bn, any model's BN layers to bnlab's BatchNorm (or back to torch's);
+- diagnose.py: diagnose, a trained model's BN statistics judged without training it.
 
 `from bnlab import bn; bn.BatchNorm2d(...)` keeps working: every public name is re-exported here.
 """
@@ -13,9 +15,12 @@ from bnlab.bn.functional import (
 from bnlab.bn.modes import batch_stats_eval, bn_modules, set_update_stats, use_shadow
 from bnlab.bn.module import BatchNorm, BatchNorm1d, BatchNorm2d
 from bnlab.bn.precise import precise_bn, running_stats_error
+from bnlab.bn.convert import convert_bn
+from bnlab.bn.diagnose import Diagnosis, diagnose
 
 __all__ = [
     "momentum_from_decay", "decay_from_momentum", "batch_stats", "normalize", "ema_update",
     "batch_norm_scratch", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "bn_modules",
     "batch_stats_eval", "use_shadow", "precise_bn", "running_stats_error", "set_update_stats",
+    "convert_bn", "diagnose", "Diagnosis",
 ]

@@ -1,5 +1,5 @@
-"""Datasets (Fashion-MNIST from its IDX files, a deterministic synthetic set) and the
-device-resident batch iterator: tensors on the training device sliced by a fresh permutation."""
+"""Fashion-MNIST from its four gzipped IDX files: Debian's package, data.root, $BNLAB_DATA, or a
+checksum-verified download into the cache."""
 from __future__ import annotations
 
 import gzip
@@ -7,13 +7,12 @@ import hashlib
 import os
 import struct
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import torch
 
-from bnlab.config import DataConfig, DataName
+from bnlab.data.base import DataError, Dataset
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -29,26 +28,6 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 HOW_TO_GET = ("install Debian's package (apt-get install dataset-fashion-mnist), or put the four "
               "Fashion-MNIST .gz files in a folder and pass data.root=FOLDER (or set $BNLAB_DATA)")
-
-
-class DataError(ValueError):
-    """The dataset is missing, corrupt or truncated; the message says which file and how to fix it."""
-
-
-@dataclass
-class Dataset:
-    """Images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) int64, for train and validation.
-    Validation is Fashion-MNIST's 10k test split, as in Dive into Deep Learning."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    source: str
-
-    def to(self, device: torch.device) -> "Dataset":
-        return Dataset(*(t.to(device) for t in (self.x_train, self.y_train, self.x_val, self.y_val)),
-                       source=self.source)
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -139,56 +118,3 @@ def load_fashion_mnist(root: Optional[str]) -> Dataset:
 
     return Dataset(imgs(t["train_images"]), t["train_labels"].long(),
                    imgs(t["test_images"]), t["test_labels"].long(), source=str(folder))
-
-
-def make_synthetic(n_train: int, n_val: int, seed: int = 1234) -> Dataset:
-    """Ten classes, each a fixed random 28x28 prototype plus pixel noise: learnable in one epoch,
-    deterministic for a given seed, and independent of the run's seed."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.rand(10, 1, 28, 28, generator=g)
-
-    def draw(n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, 10, (n,), generator=g)
-        x = (0.6 * protos[y] + 0.4 * torch.rand(n, 1, 28, 28, generator=g)).clamp_(0, 1)
-        return x, y
-
-    xt, yt = draw(n_train)
-    xv, yv = draw(n_val)
-    return Dataset(xt, yt, xv, yv, source="synthetic")
-
-
-def _subset(x: torch.Tensor, y: torch.Tensor, n: Optional[int], seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    if n is None or n >= len(x):
-        return x, y
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx], y[idx]
-
-
-def load_data(cfg: DataConfig) -> Dataset:
-    """The dataset named by the config, on the CPU, with the configured fixed subsets applied."""
-    if cfg.name == DataName.fashion_mnist:
-        ds = load_fashion_mnist(cfg.root)
-    else:
-        ds = make_synthetic(cfg.synthetic_train, cfg.synthetic_val)
-    xt, yt = _subset(ds.x_train, ds.y_train, cfg.train_subset, cfg.subset_seed)
-    xv, yv = _subset(ds.x_val, ds.y_val, cfg.val_subset, cfg.subset_seed + 1)
-    if cfg.batch_size > len(xt):
-        raise DataError(f"data.batch_size={cfg.batch_size} is larger than the training set ({len(xt)} examples)")
-    return Dataset(xt, yt, xv, yv, source=ds.source)
-
-
-def train_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                  generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled training batches sliced from device-resident tensors; the last partial
-    batch is dropped, so a BN layer never sees a batch smaller than batch_size."""
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
-    for i in range(len(x) // batch_size):
-        idx = perm[i * batch_size:(i + 1) * batch_size]
-        yield x[idx], y[idx]
-
-
-def eval_batches(x: torch.Tensor, y: torch.Tensor,
-                 batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Evaluation batches in order, the last one partial (nothing is dropped at test time)."""
-    for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
