@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
@@ -252,6 +253,12 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        # inf and nan pass every range check written as a comparison (nan < 0 is false): refuse
+        # them everywhere, whatever the field (optim.lr=inf, optim.weight_decay=nan, bn.eps=inf).
+        for key, v in flatten(to_plain(self)).items():
+            for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, float) and not math.isfinite(x):
+                    _fail(key, "a finite number", x)
         # Cross-field: a BN training batch of one example normalises every output to beta.
         if self.bn.enabled and self.data.batch_size < 2:
             _fail("data.batch_size", ">= 2 when BN is used (bn.placement != none)", self.data.batch_size)

@@ -147,6 +147,17 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=0.5, unit="batch")
 
 
+# Divergence rule: an epoch's mean training cross-entropy that is NaN/inf or above this bound
+# (nats per example). Chance level over 10 classes is ln 10 = 2.3; a mean loss of 100 means the
+# network is confidently wrong by logit margins of about 100, which no learning run reaches; an
+# exploding but finite loss (sigmoid LeNet at lr 1e6: about 7e6) is then treated like a NaN loss.
+DIVERGED_LOSS = 100.0
+
+
+def diverged(train_loss: float) -> bool:
+    return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS
+
+
 def run_tags(cfg: Config) -> Dict[str, str]:
     return {TAG + "config_hash": config_hash(cfg), TAG + "seed": str(cfg.seed),
             TAG + "diverged": "false"}
@@ -299,27 +310,38 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
           extra_tags: Optional[Dict[str, str]] = None, config_text: str = "") -> Dict[str, float]:
     """Train one model as configured, evaluate every epoch, log through `tracker`.
 
-    The data is loaded and the model built before the tracker starts a run, so bad data writes
-    nothing. A NaN/inf loss stops the run, tagged diverged, with its curves so far (status
-    FINISHED); any other error ends the run FAILED with the error recorded; Ctrl-C ends it KILLED.
+    A failure while loading the data or building the model ends the run FAILED (preflight in cli.py
+    checks the knowable first). A loss that diverges (NaN/inf or above DIVERGED_LOSS) stops the run,
+    tagged diverged, with its curves so far (status FINISHED); any other error ends the run FAILED
+    with the error recorded; Ctrl-C ends it KILLED.
     On CUDA the epoch metrics are written by a logging process (BackgroundTracker), in order.
     """
-    s = setup(cfg, data)
+    params = flatten(to_plain(cfg))
+    tags = {**run_tags(cfg), **(extra_tags or {})}
+    try:
+        s = setup(cfg, data)
+    except Exception as e:
+        # A failure at the data or device stage still leaves a FAILED run with its error, so that
+        # a sweep's count, resume and the report all see it.
+        t = BackgroundTracker(tracker or NullTracker())
+        t.start(params, tags, config_text)
+        t.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
+        raise
     # On CUDA an epoch takes tens of ms and one store write several: write from a logging process.
     # On CPU an epoch takes seconds and a write is under 0.1% of it: synchronous is cheapest.
     tracker = BackgroundTracker(tracker or NullTracker(), process=s.device.type == "cuda")
-    params = flatten(to_plain(cfg))
-    tracker.start(params, {**run_tags(cfg), **(extra_tags or {})}, config_text)
+    tracker.start(params, tags, config_text)
     final: Dict[str, float] = {}
     try:
         for epoch in range(1, cfg.train.epochs + 1):
             m = train_epoch(s, cfg.data.batch_size, f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress)
             train_loss = m["train/loss"]
-            if not math.isfinite(train_loss):
+            if diverged(train_loss):
                 # Curves end here; evaluating a NaN model would only add noise to the plots.
                 tracker.log_epoch(epoch, m)
                 tracker.set_tags({TAG + "diverged": "true", TAG + "diverged_epoch": str(epoch)})
-                log.warning("loss is %s at epoch %d: run stopped and tagged diverged", train_loss, epoch)
+                log.warning("loss is %s at epoch %d (divergence: non-finite or above %g): run stopped and "
+                            "tagged diverged", train_loss, epoch, DIVERGED_LOSS)
                 final = {**m, "diverged_epoch": epoch}
                 break
             m.update(epoch_metrics(s.model, s.ds, cfg, s.gen, final=epoch == cfg.train.epochs))
