@@ -222,7 +222,7 @@ def _task(dcfg) -> Dict[str, float]:
     from omegaconf import OmegaConf
 
     from bnlab import sweep
-    from bnlab.tracking import StoreError
+    from bnlab.tracking import StoreError, resolve_uri, root_cause
     from bnlab.train import train
 
     cfg: Config = OmegaConf.to_object(dcfg)
@@ -256,6 +256,8 @@ def _task(dcfg) -> Dict[str, float]:
     except Exception as e:
         line = _error_line(e)
         if isinstance(e, StoreError) or _store_trouble(e):
+            if not isinstance(e, StoreError):
+                line = f"store {resolve_uri(cfg.tracking.uri)} failed ({root_cause(e)})"
             log.error("job %s: %s", num, line)
             sweep.record_outcome(sdir, num, "store_failed", line)
             return {"store_failed": 1.0}

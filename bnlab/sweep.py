@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 
 from bnlab.config import Config, config_hash
 from bnlab.tracking import (TAG, MlflowTracker, StoreError, client, ensure_experiment, git_info, is_http,
-                            pid_alive, resolve_uri, store_lock)
+                            pid_alive, resolve_uri, root_cause, store_lock)
 
 log = logging.getLogger("bnlab")
 PARENT_FILE = ".bnlab_parent_run"
@@ -334,8 +334,7 @@ class SweepCallback(Callback):
             c.set_tag(self.parent, TAG + "summary", result.line()[:5000])
             c.set_terminated(self.parent, status=status)
         except Exception as e:  # the store may be the very thing that failed: say so, do not hide it
-            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"bnlab-train: could not record the sweep's counts and status {status} on parent run "
-                  f"{self.parent}: {line[:300]}", flush=True)
+                  f"{self.parent}: {root_cause(e)}", flush=True)
         print(f"bnlab-train: {result.line()} (parent run {self.parent} {status} in {resolve_uri(self.uri)})",
               flush=True)

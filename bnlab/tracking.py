@@ -63,6 +63,28 @@ class StoreError(RuntimeError):
     message says what and, where it applies, what was not written."""
 
 
+def root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost exception (MLflow wraps the database's own words)."""
+    inner = e
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    lines = [ln for ln in str(inner).splitlines() if ln.strip()]
+    return f"{type(inner).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+class _NoDbErrorTraces(logging.Filter):
+    # MLflow logs every failed database call with a full traceback before raising it; bnlab
+    # reports the error itself, in one line.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _quiet_db_errors() -> None:
+    lg = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _NoDbErrorTraces) for f in lg.filters):
+        lg.addFilter(_NoDbErrorTraces())
+
+
 # MLflow retries a failed HTTP request 7 times with exponential backoff (about 4 minutes) and
 # waits 120 s per request by default: a dead server would stall a job for minutes. Seconds here;
 # a value already in the environment wins.
@@ -98,6 +120,7 @@ def client(uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
     bound_http_retries()
+    _quiet_db_errors()
     uri = resolve_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -197,10 +220,8 @@ class MlflowTracker:
         self._client = None
 
     def _fail(self, what: str, e: BaseException) -> StoreError:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         run = f"run {self.run_id}" if self.run_id else "no run"
-        return StoreError(f"store {self.uri} failed ({type(e).__name__}: {why[:300]}); "
-                          f"not written: {what} ({run})")
+        return StoreError(f"store {self.uri} failed ({root_cause(e)}); not written: {what} ({run})")
 
     def claim(self, tags: Mapping[str, str]) -> str:
         """Create the run RUNNING before anything trains: it claims its grid point (tags carry the

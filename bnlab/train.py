@@ -19,7 +19,7 @@ from bnlab import bn as bnm
 from bnlab.config import Config, ConfigError, Device, config_hash, flatten, to_plain
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.models import build_model
-from bnlab.tracking import TAG, BackgroundTracker, NullTracker
+from bnlab.tracking import TAG, BackgroundTracker, NullTracker, StoreError
 
 log = logging.getLogger("bnlab")
 
@@ -357,7 +357,13 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
         tracker.end("KILLED", "interrupted (Ctrl-C)")
         raise
     except BaseException as e:
-        tracker.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
+        try:
+            tracker.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
+        except StoreError as end_error:
+            # The store failed first: its own error says what was not written. Else the run's
+            # error could not be recorded, and that is what the caller must hear about.
+            if not isinstance(e, StoreError):
+                raise end_error from e
         raise
     tracker.end("FINISHED")
     return final
