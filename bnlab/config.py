@@ -192,6 +192,15 @@ class OptimConfig:
             _fail("optim.weight_decay", ">= 0", self.weight_decay)
 
 
+# Divergence rule (train.py stops and tags a run, the report leaves it out of the means like a NaN
+# run): an epoch's mean training cross-entropy that is NaN/inf or above this bound, in nats per
+# example. Chance level over 10 classes is ln 10 = 2.3; a mean loss of 100 means logits confidently
+# wrong by margins of about 100, which no learning run shows; an exploding but finite loss (the
+# sigmoid LeNet at lr 1e6: about 7e6) is thus a divergence. A constant, not a field: a new field
+# would change every config hash, and resume would retrain every stored run.
+DIVERGED_LOSS = 100.0
+
+
 @dataclass
 class TrainConfig:
     # Number of passes over the training set.

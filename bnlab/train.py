@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab import bn as bnm
-from bnlab.config import Config, ConfigError, Device, config_hash, flatten, to_plain
+from bnlab.config import DIVERGED_LOSS, Config, ConfigError, Device, config_hash, flatten, to_plain
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.models import build_model
 from bnlab.tracking import TAG, BackgroundTracker, NullTracker, StoreError
@@ -147,14 +147,10 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=0.5, unit="batch")
 
 
-# Divergence rule: an epoch's mean training cross-entropy that is NaN/inf or above this bound
-# (nats per example). Chance level over 10 classes is ln 10 = 2.3; a mean loss of 100 means the
-# network is confidently wrong by logit margins of about 100, which no learning run reaches; an
-# exploding but finite loss (sigmoid LeNet at lr 1e6: about 7e6) is then treated like a NaN loss.
-DIVERGED_LOSS = 100.0
 
 
 def diverged(train_loss: float) -> bool:
+    """The divergence rule (bnlab.config.DIVERGED_LOSS): NaN/inf, or a finite loss that exploded."""
     return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS
 
 
