@@ -268,12 +268,18 @@ def summarise(sweep_dir, n_jobs: Optional[int]) -> SweepResult:
 
 
 def interrupted(ctx: JobContext) -> None:
-    """Ctrl-C in a sweep: the job run is already KILLED (train); end the parent run KILLED too."""
-    if ctx.parent_run_id:
-        try:
-            client(ctx.uri).set_terminated(ctx.parent_run_id, status="KILLED")
-        except Exception as e:  # the store may be unreachable; the next relaunch cleans up
-            log.warning("could not mark the sweep's parent run KILLED: %s", e)
+    """Ctrl-C in a sweep: the job run is KILLED by train(), or here when Ctrl-C came between its
+    claim and the start of training; end the parent run KILLED too."""
+    try:
+        c = client(ctx.uri)
+        run_id = ctx.tracker.run_id if ctx.tracker is not None else None
+        if run_id and c.get_run(run_id).info.status == "RUNNING":
+            c.set_tag(run_id, TAG + "error", "interrupted (Ctrl-C)")
+            c.set_terminated(run_id, status="KILLED")
+        if ctx.parent_run_id:
+            c.set_terminated(ctx.parent_run_id, status="KILLED")
+    except Exception as e:  # the store may be unreachable; the next relaunch cleans up
+        log.warning("could not mark the interrupted runs KILLED: %s", e)
 
 
 class SweepCallback(Callback):

@@ -316,12 +316,15 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
     tags = {**run_tags(cfg), **(extra_tags or {})}
     try:
         s = setup(cfg, data)
-    except Exception as e:
+    except BaseException as e:
         # A failure at the data or device stage still leaves a FAILED run with its error, so that
-        # a sweep's count, resume and the report all see it.
+        # a sweep's count, resume and the report all see it (Ctrl-C: KILLED).
         t = BackgroundTracker(tracker or NullTracker())
         t.start(params, tags, config_text)
-        t.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
+        if isinstance(e, KeyboardInterrupt):
+            t.end("KILLED", "interrupted (Ctrl-C)")
+        else:
+            t.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
         raise
     # On CUDA an epoch takes tens of ms and one store write several: write from a logging process.
     # On CPU an epoch takes seconds and a write is under 0.1% of it: synchronous is cheapest.

@@ -163,3 +163,17 @@ def test_the_report_counts_each_config_hash_once(home, tmp_path):
     assert "4 runs, 4 used in the means" in section
     assert "Each config hash counted once: 4 more runs" in section
     assert "n=4" not in section
+
+
+def test_two_sweeps_sharing_one_sweep_dir(home, tmp_path):
+    # an explicit hydra.sweep.dir shared by both: each keeps its own parent run and its own counts
+    codes, outs = _two_at_once(home, ["study=smoke", f"hydra.sweep.dir={tmp_path / 'shared'}", *FAST])
+    assert codes == [0, 0], outs
+    runs = _assert_once(home, outs, 4)
+    parents = {p.info.run_id: p for p in runs if p.data.tags.get("bnlab.role") == "sweep"}
+    assert len(parents) == 2
+    for k in _kids(runs):
+        assert k.data.tags["mlflow.parentRunId"] in parents
+    for pid, p in parents.items():
+        mine = [k for k in _kids(runs) if k.data.tags["mlflow.parentRunId"] == pid]
+        assert int(p.data.tags["bnlab.jobs_finished"]) == len(mine)
