@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 from hydra.experimental.callback import Callback
 
 from bnlab.config import Config, config_hash
-from bnlab.tracking import (TAG, MlflowTracker, StoreError, client, ensure_experiment, git_info, is_http,
+from bnlab.tracking import (TAG, MlflowTracker, client, ensure_experiment, git_info, is_http,
                             pid_alive, resolve_uri, root_cause, store_lock)
 
 log = logging.getLogger("bnlab")

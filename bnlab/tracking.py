@@ -439,7 +439,9 @@ class BackgroundTracker:
         kind, why = self._read() if ready else ("failed", f"no answer in {self.timeout_s:.0f} s")
         if kind != "flushed" or why is not None:
             self._close()
-            raise RuntimeError(f"a tracker call failed in the logging process: {why}")
+            # A store failure stays one (the sweep stops after it); anything else is this run's error.
+            err = StoreError if why and why.startswith(("StoreError", "bnlab.tracking.StoreError")) else RuntimeError
+            raise err(f"a tracker call failed in the logging process: {why}")
 
     def _close(self) -> None:
         proc, self._proc, self._ready = self._proc, None, False

@@ -4,7 +4,6 @@ a dead server costs seconds, not minutes. Real file systems: a small tmpfs (need
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
