@@ -155,12 +155,12 @@ def _parent_id(hc) -> Optional[str]:
 def _lost_claim(uri: Optional[str], exp: str, h: str, mine: str) -> Optional[str]:
     """Over HTTP: after the settle time, the earliest live claim (or a FINISHED run) wins."""
     time.sleep(HTTP_SETTLE_S)
-    done = finished_run(uri, exp, h)
-    if done:
-        return f"config {h} already has FINISHED run {done}"
     live = [r for r in claims(uri, exp, h) if time.time() - _beat(r) <= claim_timeout_s()]
     if live and live[0].info.run_id != mine:
         return f"config {h} is being trained by {_owner(live[0])}"
+    done = finished_run(uri, exp, h)  # after the claims: see job_context
+    if done:
+        return f"config {h} already has FINISHED run {done}"
     return None
 
 
@@ -188,12 +188,14 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
         if not multirun:
             return JobContext(tracker, tags=tags, uri=uri)  # a single run is always trained
         expire_stale_claims(uri, exp, h)
-        done = finished_run(uri, exp, h) if cfg.tracking.resume else None
-        if done:
-            return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done}")
+        # Claims first, then FINISHED runs: a claim that ends between the two queries (its owner
+        # does not take the lock to finish) is then seen as FINISHED, never missed by both.
         live = claims(uri, exp, h)
         if live:
             return JobContext(None, skip_reason=f"config {h} is being trained by {_owner(live[0])}")
+        done = finished_run(uri, exp, h) if cfg.tracking.resume else None
+        if done:
+            return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done}")
         tracker.claim({**tags, TAG + "config_hash": h})
     if is_http(uri):
         lost = _lost_claim(uri, exp, h, tracker.run_id)
