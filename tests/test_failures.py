@@ -118,3 +118,16 @@ def test_help_of_the_report_mentions_force(home):
     r = cli("bnlab-report", "--help", home=home)
     assert r.returncode == 0 and "--force" in r.stdout
     assert not Path(home / "results").exists()
+
+
+def test_committed_report_names_the_store_relative_to_the_project():
+    results = Path(__file__).resolve().parents[1] / "results"
+    texts = [p.read_text() for p in [results / "REPORT.md", *results.glob("*/section.md")] if p.is_file()]
+    if not texts:
+        import pytest
+
+        pytest.skip("no committed report")
+    for t in texts:
+        for line in t.splitlines():
+            if line.startswith("- Store: "):
+                assert "sqlite:////" not in line and "/home/" not in line, line
