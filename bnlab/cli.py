@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -313,7 +314,8 @@ def help_text() -> str:
              "Studies (bnlab-train study=NAME runs the whole sweep; one study per command):"]
     for name in available_studies():
         q, size = study_header(name)
-        lines.append(f"  {name:<11} {q}" + (f" [{size}]" if size else ""))
+        lines.append(textwrap.fill(f"{name:<11} {q}" + (f" [{size}]" if size else ""), width=100,
+                                   initial_indent="  ", subsequent_indent=" " * 14))
     lines += ["", "Examples:",
               "  bnlab-train                                   one run: LeNet-BN as in d2l 7.5",
               "  bnlab-train bn.momentum=0.01 data.batch_size=32 optim.lr=0.1",
