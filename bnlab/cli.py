@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -95,12 +97,82 @@ def validate_job(job: List[str]) -> Config:
     return OmegaConf.to_object(dcfg)
 
 
+def available_studies() -> List[str]:
+    return sorted(p.stem for p in (conf_dir() / "study").glob("*.yaml"))
+
+
+def check_study(overrides: Sequence[str]) -> None:
+    """One known study per command (several would share one sweep, parent run and experiment)."""
+    studies = available_studies()
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") != "study":
+            continue
+        if "," in value or value.strip().startswith(("choice(", "range(", "glob(")):
+            names = re.sub(r"^\w+\((.*)\)$", r"\1", value.strip()).split(",")
+            raise ConfigError(f"study: one study per command, got {value!r}; run them one by one: "
+                              + "; ".join(f"bnlab-train study={n.strip()}" for n in names if n.strip()))
+        if value not in studies:
+            raise ConfigError(f"study must be one of {', '.join(studies)}, got {value!r}")
+
+
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+HTTP_CHECK_S = 5.0
+
+
+def check_store(uri: Optional[str]) -> None:
+    """The store URI has a known scheme, a SQLite store's folder is writable, a server answers."""
+    import urllib.error
+    import urllib.request
+
+    from bnlab.tracking import resolve_uri, sqlite_path
+
+    u = resolve_uri(uri)
+    scheme = u.split("://", 1)[0] if "://" in u else ""
+    if scheme.split("+")[0] not in STORE_SCHEMES:
+        raise ConfigError(f"tracking.uri must be null (the project's store), sqlite:///PATH, http(s)://HOST:PORT "
+                          f"or a database URL ({', '.join(STORE_SCHEMES[3:])}), got {u!r}")
+    path = sqlite_path(u)
+    if scheme == "sqlite":
+        if path is None:
+            raise ConfigError(f"tracking.uri must be sqlite:///PATH for a SQLite store, got {u!r}")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ConfigError(f"tracking.uri: the store {path} is not writable")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"tracking.uri: the store's folder {folder} is not writable")
+    elif scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(u.rstrip("/") + "/health", timeout=HTTP_CHECK_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answers; MLflow itself reports a wrong path
+        except (OSError, ValueError) as e:
+            why = getattr(e, "reason", None) or e
+            raise ConfigError(f"tracking.uri={u} does not answer within {HTTP_CHECK_S:g} s ({why}); start the "
+                              "server (bnlab-ui --port PORT) or fix the URI") from e
+
+
+def check_runnable(cfgs: Sequence[Config]) -> None:
+    """What the config alone cannot know: the device (the training set size is checked with the data)."""
+    from bnlab.config import Device
+
+    if any(c.train.device == Device.cuda for c in cfgs):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device must be auto or cpu on this machine (no CUDA device is available), "
+                              "got 'cuda'")
+
+
 def preflight(args: Sequence[str]) -> Tuple[int, bool]:
-    """Validate every job and the data it needs before anything runs or is written.
+    """Validate every job, the data, the device and the store before anything runs or is written.
     Returns (number of jobs, multirun); raises ConfigError/DataError with one line."""
     from bnlab.data import preflight_data
 
     overrides = [a for a in args if not a.startswith("-")]
+    check_study(overrides)
     try:
         jobs, multirun = expand_jobs(overrides)
         multirun = multirun or "-m" in args or "--multirun" in args
@@ -109,44 +181,81 @@ def preflight(args: Sequence[str]) -> Tuple[int, bool]:
         raise
     except Exception as e:  # Hydra/OmegaConf composition and validation errors
         raise ConfigError(_error_line(e)) from e
-    preflight_data(cfgs)  # every dataset read and checked once, every model built on its data
+    check_runnable(cfgs)
+    # Every dataset read and checked once (files, labels, batch size vs training set), every model
+    # built on its data.
+    preflight_data(cfgs)
+    for uri in {c.tracking.uri for c in cfgs}:
+        check_store(uri)
     return len(cfgs), multirun
 
 
 # ---------------------------------------------------------------------------------- the job
 
 def _task(dcfg) -> Dict[str, float]:
-    """One Hydra job: typed config, resume check, a tracked training run."""
+    """One Hydra job: typed config, claim (or skip) its grid point, a tracked training run. In a
+    sweep every outcome is recorded for the final count, and nothing raises: one failed job must
+    not stop the others, but the first store failure stops the jobs after it."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from bnlab import sweep
+    from bnlab.tracking import StoreError, resolve_uri, root_cause
     from bnlab.train import train
 
     cfg: Config = OmegaConf.to_object(dcfg)
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
-    task_overrides = list(hc.overrides.task)
+    if not multirun:
+        context = sweep.job_context(cfg, hc, list(hc.overrides.task), multirun)
+        result = train(cfg, context.tracker, extra_tags=context.tags, config_text=OmegaConf.to_yaml(dcfg))
+        _summary(result, context.tracker)
+        return result
+    num, sdir = int(hc.job.num), hc.sweep.dir
+    broken = sweep.store_failure(sdir)
+    if broken:
+        sweep.record_outcome(sdir, num, "not_run", broken)
+        log.info("job %s not run: the store failed earlier in this sweep", num)
+        return {"not_run": 1.0}
     if cfg.train.threads is None:
         cfg.train.threads = sweep.threads_for_launcher(hc)
-    context = sweep.job_context(cfg, hc, task_overrides, multirun)
-    if context.skip_reason:
-        log.info("skipped: %s", context.skip_reason)
-        return {"skipped": 1.0}
-    text = OmegaConf.to_yaml(dcfg)
+    context = None
     try:
-        result = train(cfg, context.tracker, extra_tags=context.tags, config_text=text)
+        context = sweep.job_context(cfg, hc, list(hc.overrides.task), multirun)
+        if context.skip_reason:
+            log.info("skipped: %s", context.skip_reason)
+            sweep.record_outcome(sdir, num, "skipped", context.skip_reason)
+            return {"skipped": 1.0}
+        result = train(cfg, context.tracker, extra_tags=context.tags, config_text=OmegaConf.to_yaml(dcfg))
     except KeyboardInterrupt:
-        sweep.interrupted(context)
+        if context is not None:
+            sweep.interrupted(context)
         raise
     except Exception as e:
-        if not multirun:
-            raise
-        # In a sweep one failed run (recorded FAILED in the store) must not stop the others.
-        log.error("job %s failed: %s", hc.job.num, _error_line(e))
+        line = _error_line(e)
+        if isinstance(e, StoreError) or _store_trouble(e):
+            if not isinstance(e, StoreError):
+                line = f"store {resolve_uri(cfg.tracking.uri)} failed ({root_cause(e)})"
+            log.error("job %s: %s", num, line)
+            sweep.record_outcome(sdir, num, "store_failed", line)
+            return {"store_failed": 1.0}
+        log.error("job %s failed: %s", num, line)  # its run is FAILED in the store with the error
+        sweep.record_outcome(sdir, num, "failed", line)
         return {"failed": 1.0}
+    sweep.record_outcome(sdir, num, "diverged" if "diverged_epoch" in result else "finished")
     _summary(result, context.tracker)
     return result
+
+
+def _store_trouble(e: BaseException) -> bool:
+    """An error raised by MLflow or the database (not by training) anywhere in the chain."""
+    seen = e
+    while seen is not None:
+        mod = type(seen).__module__
+        if mod.startswith(("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _summary(m: Dict[str, float], tracker) -> None:
@@ -159,15 +268,57 @@ def _summary(m: Dict[str, float], tracker) -> None:
     print(f"logged to {tracker.where()}", flush=True)
 
 
+def study_header(name: str) -> Tuple[str, str]:
+    """(question, size) from the header comments of conf/study/<name>.yaml."""
+    question, size, on = [], "", False
+    for line in (conf_dir() / "study" / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("# Question:"):
+            on = True
+            question.append(line[len("# Question:"):].strip())
+        elif on and line.startswith("#   "):
+            question.append(line[1:].strip())
+        else:
+            on = False
+            if line.startswith("# Run:") and "(" in line:
+                size = line[line.index("(") + 1:line.rindex(")")]
+    return " ".join(question), size
+
+
+def help_text() -> str:
+    lines = ["bnlab-train: train LeNet/MLP with Batch Normalization variants; every run goes to MLflow.", "",
+             "Studies (bnlab-train study=NAME runs the whole sweep; one study per command):"]
+    for name in available_studies():
+        q, size = study_header(name)
+        lines.append(textwrap.fill(f"{name:<11} {q}" + (f" [{size}]" if size else ""), width=100,
+                                   initial_indent="  ", subsequent_indent=" " * 14))
+    lines += ["", "Examples:",
+              "  bnlab-train                                   one run: LeNet-BN as in d2l 7.5",
+              "  bnlab-train bn.momentum=0.01 data.batch_size=32 optim.lr=0.1",
+              "  bnlab-train -m bn.momentum=0.01,0.1 seed=0,1   any grid from the command line",
+              "  bnlab-train study=lr hydra/launcher=joblib hydra.launcher.n_jobs=2",
+              "  bnlab-train --cfg job                          print the resolved config", "",
+              "Every field, its unit and convention: bnlab/config.py. A sweep prints 'N finished, M failed,",
+              "K skipped, D diverged' and exits 1 when a job failed. Then: bnlab-report study=NAME.", "",
+              "Hydra's own help follows.", ""]
+    return "\n".join(lines)
+
+
 def train_main(argv: Optional[Sequence[str]] = None) -> None:
     """bnlab-train: Hydra's command line over conf/train.yaml (`-m` or `study=NAME` for sweeps)."""
     import hydra
 
+    from bnlab import sweep
     from bnlab.data import DataError
+    from bnlab.tracking import bound_http_retries
 
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     _prepare_env()
+    bound_http_retries()
+    if "--help" in args or "-h" in args:
+        print(help_text(), flush=True)
     if not _INFO_FLAGS.intersection(args):
         try:
             n, multirun = preflight(args)
@@ -176,5 +327,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
             sys.exit(2)
         if multirun:
             print(f"bnlab-train: {n} job(s) validated", flush=True)
+            os.environ["BNLAB_N_JOBS"] = str(n)
     sys.argv = [sys.argv[0]] + args
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(_task)()
+    if sweep.LAST_RESULT is not None and sweep.LAST_RESULT.failed:
+        sys.exit(1)

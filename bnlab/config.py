@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -220,6 +221,15 @@ class OptimConfig:
             _fail("optim.weight_decay", ">= 0", self.weight_decay)
 
 
+# Divergence rule (train.py stops and tags a run, the report leaves it out of the means like a NaN
+# run): an epoch's mean training cross-entropy that is NaN/inf or above this bound, in nats per
+# example. Chance level over 10 classes is ln 10 = 2.3; a mean loss of 100 means logits confidently
+# wrong by margins of about 100, which no learning run shows; an exploding but finite loss (the
+# sigmoid LeNet at lr 1e6: about 7e6) is thus a divergence. A constant, not a field: a new field
+# would change every config hash, and resume would retrain every stored run.
+DIVERGED_LOSS = 100.0
+
+
 @dataclass
 class TrainConfig:
     # Number of passes over the training set.
@@ -281,6 +291,12 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        # inf and nan pass every range check written as a comparison (nan < 0 is false): refuse
+        # them everywhere, whatever the field (optim.lr=inf, optim.weight_decay=nan, bn.eps=inf).
+        for key, v in flatten(to_plain(self)).items():
+            for x in (v if isinstance(v, list) else [v]):
+                if isinstance(x, float) and not math.isfinite(x):
+                    _fail(key, "a finite number", x)
         # Cross-field: a BN training batch of one example normalises every output to beta.
         if self.bn.enabled and self.data.batch_size < 2:
             _fail("data.batch_size", ">= 2 when BN is used (bn.placement != none)", self.data.batch_size)

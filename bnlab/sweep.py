@@ -1,5 +1,6 @@
-"""Sweeps: the Hydra callback that prepares the store and the parent run before any job starts,
-and each job's MLflow context (parent run, tags, resume by config hash, dead-run clean-up)."""
+"""Sweeps: the Hydra callback that prepares the store and the parent run before any job starts and
+counts the outcomes after the last; each job's claim on its grid point (config hash + heartbeat),
+resume, dead- and stale-claim clean-up, and the outcome it records."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,9 @@ import logging
 import math
 import os
 import socket
+import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -16,11 +20,25 @@ from hydra.experimental.callback import Callback
 
 from bnlab import describe
 from bnlab.config import Config, config_hash, flatten
-from bnlab.tracking import TAG, MlflowTracker, client, ensure_experiment, git_info, pid_alive, resolve_uri
+from bnlab.tracking import (TAG, MlflowTracker, client, ensure_experiment, git_info, is_http,
+                            pid_alive, resolve_uri, root_cause, store_lock)
 
 log = logging.getLogger("bnlab")
 PARENT_FILE = ".bnlab_parent_run"
 VARYING_FILE = ".bnlab_varying_keys"  # JSON list: what run names show
+OUTCOMES_DIR = ".bnlab_outcomes"
+# A RUNNING run whose heartbeat (refreshed at its claim, its start and every epoch) is older than
+# this is presumed dead (a crashed node, a lost process on another host) and may be taken over.
+# It must exceed the longest epoch; BNLAB_CLAIM_TIMEOUT_S overrides it.
+CLAIM_TIMEOUT_S = 1800.0
+# Over HTTP there is no shared lock: a claim is created, then checked against every other claim
+# after this many seconds (longer than a create request takes); the earliest claim wins.
+HTTP_SETTLE_S = 0.5
+OUTCOMES = ("finished", "failed", "skipped", "diverged", "store_failed", "not_run")
+
+
+def claim_timeout_s() -> float:
+    return float(os.environ.get("BNLAB_CLAIM_TIMEOUT_S", CLAIM_TIMEOUT_S))
 
 
 def run_name(overrides: List[str], varying: Optional[List[str]] = None) -> str:
@@ -45,8 +63,9 @@ def sweep_grid(config) -> Dict[str, List[str]]:
 
 def sweep_varying(hc) -> Optional[List[str]]:
     """The keys this job's sweep varies, as the sweep callback recorded them (None if unknown)."""
+    # The environment first (two sweeps may share one sweep folder), then the sweep folder's file.
     f = Path(hc.sweep.dir) / VARYING_FILE
-    text = f.read_text() if f.is_file() else os.environ.get("BNLAB_VARYING")
+    text = os.environ.get("BNLAB_VARYING") or (f.read_text() if f.is_file() else None)
     return json.loads(text) if text else None
 
 
@@ -86,6 +105,45 @@ def finished_run(uri: Optional[str], experiment: str, h: str) -> Optional[str]:
     return runs[0].info.run_id if runs else None
 
 
+def _beat(run) -> float:
+    """Last sign of life of a run, in seconds: its heartbeat tag, else its start (older stores)."""
+    hb = run.data.tags.get(TAG + "heartbeat")
+    try:
+        return float(hb) if hb else run.info.start_time / 1000.0
+    except ValueError:
+        return run.info.start_time / 1000.0
+
+
+def claims(uri: Optional[str], experiment: str, h: str) -> list:
+    """RUNNING job runs of this config hash, oldest claim first."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], max_results=1000,
+                         filter_string=f"tags.`{TAG}config_hash` = '{h}' and attributes.status = 'RUNNING'")
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def expire_stale_claims(uri: Optional[str], experiment: str, h: str) -> int:
+    """RUNNING runs of this grid point with no heartbeat for claim_timeout_s() end KILLED."""
+    c, now, n = client(uri), time.time(), 0
+    for r in claims(uri, experiment, h):
+        age = now - _beat(r)
+        if age > claim_timeout_s():
+            c.set_tag(r.info.run_id, TAG + "error",
+                      f"no heartbeat for {age:.0f} s (timeout {claim_timeout_s():.0f} s); claim taken over, "
+                      f"marked KILLED by {socket.gethostname()} pid {os.getpid()}")
+            c.set_terminated(r.info.run_id, status="KILLED")
+            n += 1
+    return n
+
+
+def _owner(run) -> str:
+    t = run.data.tags
+    return f"run {run.info.run_id} (host {t.get(TAG + 'host', '?')}, pid {t.get(TAG + 'pid', '?')})"
+
+
 def threads_for_launcher(hc) -> Optional[int]:
     """Parallel local launchers share the cores: give each job cores / n_jobs torch threads."""
     launcher = hc.launcher
@@ -106,22 +164,37 @@ class JobContext:
 
 
 def _parent_id(hc) -> Optional[str]:
+    # The launching process's environment first: several sweeps may share one hydra.sweep.dir
+    # (and its file), but each launcher passes its own parent to the workers it starts.
+    env = os.environ.get("BNLAB_PARENT_RUN")
+    if env:
+        return env
     f = Path(hc.sweep.dir) / PARENT_FILE
     if f.is_file():
         return f.read_text().strip() or None
-    return os.environ.get("BNLAB_PARENT_RUN")
+    return None
+
+
+def _lost_claim(uri: Optional[str], exp: str, h: str, mine: str) -> Optional[str]:
+    """Over HTTP: after the settle time, the earliest live claim (or a FINISHED run) wins."""
+    time.sleep(HTTP_SETTLE_S)
+    live = [r for r in claims(uri, exp, h) if time.time() - _beat(r) <= claim_timeout_s()]
+    if live and live[0].info.run_id != mine:
+        return f"config {h} is being trained by {_owner(live[0])}"
+    done = finished_run(uri, exp, h)  # after the claims: see job_context
+    if done:
+        return f"config {h} already has FINISHED run {done}"
+    return None
 
 
 def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobContext:
+    """The job's tracker. In a sweep the job claims its grid point first: under the store lock it
+    ends dead and stale claims, skips a config hash that has a FINISHED run (resume) or a live
+    claim, else creates its own RUNNING run (the claim) before anything trains."""
     uri, exp = cfg.tracking.uri, cfg.tracking.experiment
     h = config_hash(cfg)
     if not multirun:
-        ensure_experiment(uri, exp)  # one process: no race on a fresh store
-    mark_dead_runs(uri, exp, f"tags.`{TAG}config_hash` = '{h}'")
-    if cfg.tracking.resume and multirun:
-        done = finished_run(uri, exp, h)
-        if done:
-            return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done}")
+        ensure_experiment(uri, exp)
     tags = {TAG + "overrides": " ".join(overrides) or "(none)", TAG + "role": "job", **git_info()}
     if cfg.tracking.study:
         tags[TAG + "study"] = cfg.tracking.study
@@ -134,16 +207,105 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
             tags[TAG + "sweep_id"] = parent
     tracker = MlflowTracker(uri, exp, run_name(overrides, sweep_varying(hc) if multirun else None),
                             parent_run_id=parent)
+    with store_lock(uri):
+        mark_dead_runs(uri, exp, f"tags.`{TAG}config_hash` = '{h}'")
+        if not multirun:
+            return JobContext(tracker, tags=tags, uri=uri)  # a single run is always trained
+        expire_stale_claims(uri, exp, h)
+        # Claims first, then FINISHED runs: a claim that ends between the two queries (its owner
+        # does not take the lock to finish) is then seen as FINISHED, never missed by both.
+        live = claims(uri, exp, h)
+        if live:
+            return JobContext(None, skip_reason=f"config {h} is being trained by {_owner(live[0])}")
+        done = finished_run(uri, exp, h) if cfg.tracking.resume else None
+        if done:
+            return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done}")
+        tracker.claim({**tags, TAG + "config_hash": h})
+    if is_http(uri):
+        lost = _lost_claim(uri, exp, h, tracker.run_id)
+        if lost:
+            tracker.abandon()
+            return JobContext(None, skip_reason=lost)
     return JobContext(tracker, tags=tags, parent_run_id=parent, uri=uri)
 
 
+# ---------------------------------------------------------------------------------- outcomes
+
+def _outcome_file(sweep_dir) -> Path:
+    token = os.environ.get("BNLAB_SWEEP_TOKEN") or os.environ.get("BNLAB_PARENT_RUN") or "sweep"
+    return Path(str(sweep_dir)) / OUTCOMES_DIR / f"{token}.jsonl"
+
+
+def record_outcome(sweep_dir, job: int, kind: str, detail: str = "") -> None:
+    """One line per job in a file of this sweep (the launching process counts them at the end):
+    the count survives a store that can no longer be written."""
+    assert kind in OUTCOMES, kind
+    f = _outcome_file(sweep_dir)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"job": job, "outcome": kind, "detail": detail[:2000]}) + "\n"
+    with open(f, "a") as fh:  # one short O_APPEND write per job: whole lines, even from parallel workers
+        fh.write(line)
+
+
+def read_outcomes(sweep_dir) -> List[dict]:
+    f = _outcome_file(sweep_dir)
+    if not f.is_file():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+
+def store_failure(sweep_dir) -> Optional[str]:
+    """The first store failure of this sweep, if a job had one: later jobs do not start."""
+    for o in read_outcomes(sweep_dir):
+        if o["outcome"] == "store_failed":
+            return o["detail"]
+    return None
+
+
+@dataclass
+class SweepResult:
+    counts: Counter
+    store_error: Optional[str] = None
+    parent_run_id: Optional[str] = None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.counts["failed"] or self.counts["store_failed"] or self.store_error)
+
+    def line(self) -> str:
+        c = self.counts
+        txt = (f"{c['finished']} finished, {c['failed'] + c['store_failed']} failed, {c['skipped']} skipped, "
+               f"{c['diverged']} diverged")
+        if self.store_error:
+            txt += f"; stopped after the first store failure, {c['not_run']} job(s) not run: {self.store_error}"
+        return txt
+
+
+LAST_RESULT: Optional[SweepResult] = None  # read by cli.train_main for the exit status
+
+
+def summarise(sweep_dir, n_jobs: Optional[int]) -> SweepResult:
+    outs = read_outcomes(sweep_dir)
+    counts = Counter({k: 0 for k in OUTCOMES})
+    counts.update(o["outcome"] for o in outs)
+    if n_jobs is not None and len(outs) < n_jobs:
+        counts["failed"] += n_jobs - len(outs)  # a job that died before recording its outcome
+    return SweepResult(counts, store_failure(sweep_dir))
+
+
 def interrupted(ctx: JobContext) -> None:
-    """Ctrl-C in a sweep: the job run is already KILLED (train); end the parent run KILLED too."""
-    if ctx.parent_run_id:
-        try:
-            client(ctx.uri).set_terminated(ctx.parent_run_id, status="KILLED")
-        except Exception as e:  # the store may be unreachable; the next relaunch cleans up
-            log.warning("could not mark the sweep's parent run KILLED: %s", e)
+    """Ctrl-C in a sweep: the job run is KILLED by train(), or here when Ctrl-C came between its
+    claim and the start of training; end the parent run KILLED too."""
+    try:
+        c = client(ctx.uri)
+        run_id = ctx.tracker.run_id if ctx.tracker is not None else None
+        if run_id and c.get_run(run_id).info.status == "RUNNING":
+            c.set_tag(run_id, TAG + "error", "interrupted (Ctrl-C)")
+            c.set_terminated(run_id, status="KILLED")
+        if ctx.parent_run_id:
+            c.set_terminated(ctx.parent_run_id, status="KILLED")
+    except Exception as e:  # the store may be unreachable; the next relaunch cleans up
+        log.warning("could not mark the interrupted runs KILLED: %s", e)
 
 
 def _flat_config(config) -> Dict[str, object]:
@@ -168,46 +330,70 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         from mlflow.entities import RunStatus
 
+        global LAST_RESULT
+        LAST_RESULT = None
         uri, exp = config.tracking.uri, config.tracking.experiment
-        exp_id = ensure_experiment(uri, exp)  # create store + experiment once: no migration race
-        killed = mark_dead_runs(uri, exp)
-        if killed:
-            log.info("marked %d run(s) of dead processes KILLED", killed)
+        exp_id = ensure_experiment(uri, exp)  # create store + experiment once, under the store lock
         overrides = list(config.hydra.overrides.task)
         grid = sweep_grid(config)
         varying = [k for k, v in grid.items() if len(v) > 1]
         n_runs = math.prod(len(v) for v in grid.values())
         study = config.tracking.study or exp
         key = sweep_key(exp, overrides)
-        c = client(uri)
-        for k, v in describe.experiment_tags(config.tracking.study, n_runs, varying).items():
-            c.set_experiment_tag(exp_id, k, v)
-        found = c.search_runs([exp_id], max_results=1,
-                              filter_string=f"tags.`{TAG}sweep_key` = '{key}' and tags.`{TAG}role` = 'sweep'")
         tags = {TAG + "role": "sweep", TAG + "sweep_key": key, TAG + "host": socket.gethostname(),
                 TAG + "pid": str(os.getpid()), TAG + "overrides": " ".join(overrides) or "(none)"}
         if config.tracking.study:
             tags[TAG + "study"] = config.tracking.study
-        if found:
-            run_id = found[0].info.run_id  # a relaunch: the same parent row in the UI
-            c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-            for k, v in tags.items():
-                c.set_tag(run_id, k, v)
-        else:
-            note = describe.sweep_description(study, n_runs, varying, overrides)
-            run_id = c.create_run(exp_id, run_name=describe.parent_name(study), tags={
-                **tags, **describe.standard_tags(describe.source_name(config.tracking.study)),
-                "mlflow.note.content": note}).info.run_id
-            _log_params(c, run_id, describe.fixed_params(_flat_config(config), varying))
+        c = client(uri)
+        for k, v in describe.experiment_tags(config.tracking.study, n_runs, varying).items():
+            c.set_experiment_tag(exp_id, k, v)
+        with store_lock(uri):
+            killed = mark_dead_runs(uri, exp)
+            if killed:
+                log.info("marked %d run(s) of dead processes KILLED", killed)
+            # A relaunch reuses the parent row of the same command, unless a live process still
+            # runs it: two sweeps at once each keep their own parent (and their own counts).
+            found = c.search_runs([exp_id], max_results=1, order_by=["attributes.start_time DESC"],
+                                  filter_string=f"tags.`{TAG}sweep_key` = '{key}' and tags.`{TAG}role` = 'sweep' "
+                                                f"and attributes.status != 'RUNNING'")
+            if found:
+                run_id = found[0].info.run_id
+                c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                for k, v in tags.items():
+                    c.set_tag(run_id, k, v)
+            else:
+                note = describe.sweep_description(study, n_runs, varying, overrides)
+                run_id = c.create_run(exp_id, run_name=describe.parent_name(study), tags={
+                    **tags, **describe.standard_tags(describe.source_name(config.tracking.study)),
+                    "mlflow.note.content": note}).info.run_id
+                _log_params(c, run_id, describe.fixed_params(_flat_config(config), varying))
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(run_id)
         os.environ["BNLAB_PARENT_RUN"] = run_id
         (sweep_dir / VARYING_FILE).write_text(json.dumps(varying))
         os.environ["BNLAB_VARYING"] = json.dumps(varying)
-        self.parent, self.uri = run_id, uri
+        os.environ["BNLAB_SWEEP_TOKEN"] = f"{run_id}-{uuid.uuid4().hex[:8]}"
+        self.parent, self.uri, self.sweep_dir = run_id, uri, sweep_dir
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if getattr(self, "parent", None):
-            client(self.uri).set_terminated(self.parent, status="FINISHED")
-            log.info("sweep finished: parent run %s in %s", self.parent, resolve_uri(self.uri))
+        global LAST_RESULT
+        if not getattr(self, "parent", None):
+            return
+        n = os.environ.get("BNLAB_N_JOBS")
+        result = summarise(self.sweep_dir, int(n) if n else None)
+        result.parent_run_id = self.parent
+        LAST_RESULT = result
+        status = "FAILED" if result.failed else "FINISHED"
+        try:
+            c = client(self.uri)
+            for k in ("finished", "failed", "skipped", "diverged", "not_run"):
+                v = result.counts[k] + (result.counts["store_failed"] if k == "failed" else 0)
+                c.set_tag(self.parent, f"{TAG}jobs_{k}", str(v))
+            c.set_tag(self.parent, TAG + "summary", result.line()[:5000])
+            c.set_terminated(self.parent, status=status)
+        except Exception as e:  # the store may be the very thing that failed: say so, do not hide it
+            print(f"bnlab-train: could not record the sweep's counts and status {status} on parent run "
+                  f"{self.parent}: {root_cause(e)}", flush=True)
+        print(f"bnlab-train: {result.line()} (parent run {self.parent} {status} in {resolve_uri(self.uri)})",
+              flush=True)

@@ -1,6 +1,7 @@
 """The only module that writes to MLflow: the project's store, experiments, a run tracker that
-logs one batch of metrics per epoch, and BackgroundTracker, which can move those writes to a
-logging process. train() receives a tracker; it never imports mlflow."""
+logs one batch of metrics per epoch (and the claim heartbeat), a cross-process lock around SQLite store
+creation, bounded HTTP retries, and BackgroundTracker, which can move those writes to a logging
+process. train() receives a tracker; it never imports mlflow."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -48,9 +50,78 @@ def _is_local(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
+def is_http(uri: Optional[str]) -> bool:
+    return resolve_uri(uri).startswith(("http://", "https://"))
+
+
+def sqlite_path(uri: Optional[str]) -> Optional[Path]:
+    uri = resolve_uri(uri)
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+class StoreError(RuntimeError):
+    """The tracking store could not be written or read (read-only, disk full, server gone): the
+    message says what and, where it applies, what was not written."""
+
+
+def root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost exception (MLflow wraps the database's own words)."""
+    inner = e
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    lines = [ln for ln in str(inner).splitlines() if ln.strip()]
+    return f"{type(inner).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+class _NoDbErrorTraces(logging.Filter):
+    # MLflow logs every failed database call with a full traceback before raising it; bnlab
+    # reports the error itself, in one line.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _quiet_db_errors() -> None:
+    lg = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _NoDbErrorTraces) for f in lg.filters):
+        lg.addFilter(_NoDbErrorTraces())
+
+
+# MLflow retries a failed HTTP request 7 times with exponential backoff (about 4 minutes) and
+# waits 120 s per request by default: a dead server would stall a job for minutes. Seconds here;
+# a value already in the environment wins.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bound_http_retries() -> None:
+    for k, v in HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+_LOCKS: Dict[str, object] = {}
+
+
+def store_lock(uri: Optional[str], timeout_s: float = 300.0):
+    """A lock shared by every process on this machine (a file beside a SQLite store) around store
+    creation/migration and grid-point claims; a no-op for a server, which serialises itself.
+    Re-entrant within a process (one FileLock object per store, which counts its holders)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return nullcontext()
+    from filelock import FileLock
+
+    key = str(path) + ".lock"
+    if key not in _LOCKS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _LOCKS[key] = FileLock(key, timeout=timeout_s)
+    return _LOCKS[key]
+
+
 def client(uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
+    bound_http_retries()
+    _quiet_db_errors()
     uri = resolve_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -58,28 +129,29 @@ def client(uri: Optional[str]):
 
 
 def ensure_experiment(uri: Optional[str], name: str) -> str:
-    """Create the store (schema migration) and the experiment once; return its id. Parallel jobs
-    call this only after the sweep callback did it, so they never race on a fresh store."""
+    """Create the store (schema migration) and the experiment once; return its id. Under the
+    store lock: processes that open a fresh SQLite store at once never race on its migration."""
     from mlflow.exceptions import MlflowException
 
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    kwargs = {}
-    if _is_local(resolve_uri(uri)):
-        # A SQLite store's default artifact root is ./mlartifacts of the working directory:
-        # pin it inside the project so artifacts land beside the store wherever a run starts.
-        kwargs["artifact_location"] = (artifact_root() / name).as_uri()
-    try:
-        return c.create_experiment(name, **kwargs)
-    except MlflowException:  # created meanwhile by another process
+    with store_lock(uri):
+        c = client(uri)
         exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                c.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        kwargs = {}
+        if _is_local(resolve_uri(uri)):
+            # A SQLite store's default artifact root is ./mlartifacts of the working directory:
+            # pin it inside the project so artifacts land beside the store wherever a run starts.
+            kwargs["artifact_location"] = (artifact_root() / name).as_uri()
+        try:
+            return c.create_experiment(name, **kwargs)
+        except MlflowException:  # created meanwhile by another process (over HTTP)
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
 
 def git_info() -> Dict[str, str]:
@@ -98,6 +170,11 @@ def git_info() -> Dict[str, str]:
 def owner_tags() -> Dict[str, str]:
     """Who runs this run: lets a relaunch tell a dead run (process gone) from a live one."""
     return {TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid())}
+
+
+def heartbeat_tag() -> Dict[str, str]:
+    """Unix time of the run's last sign of life: a claim older than the timeout can be taken over."""
+    return {TAG + "heartbeat": f"{time.time():.0f}"}
 
 
 def pid_alive(pid: int) -> bool:
@@ -146,34 +223,67 @@ class MlflowTracker:
         self.run_id: Optional[str] = None
         self._client = None
 
-    def start(self, params: Mapping[str, object], tags: Mapping[str, str], config_text: str) -> None:
-        from mlflow.entities import Param
+    def _fail(self, what: str, e: BaseException) -> StoreError:
+        run = f"run {self.run_id}" if self.run_id else "no run"
+        return StoreError(f"store {self.uri} failed ({root_cause(e)}); not written: {what} ({run})")
 
-        self._client = client(self.uri)
-        exp_id = ensure_experiment(self.uri, self.experiment)
-        all_tags = {**tags, **owner_tags()}
-        if self.parent_run_id:
-            all_tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self._client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
+    def claim(self, tags: Mapping[str, str]) -> str:
+        """Create the run RUNNING before anything trains: it claims its grid point (tags carry the
+        config hash, the owner and a heartbeat). start() then fills in params and tags."""
+        try:
+            self._client = client(self.uri)
+            exp_id = ensure_experiment(self.uri, self.experiment)
+            all_tags = {**tags, **owner_tags(), **heartbeat_tag()}
+            if self.parent_run_id:
+                all_tags["mlflow.parentRunId"] = self.parent_run_id
+            run = self._client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
+        except Exception as e:
+            raise self._fail("the run's claim", e) from e
         self.run_id = run.info.run_id
-        # MLflow caps a param value at 6000 characters; one batch call for all of them.
-        ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(ps), 100):
-            self._client.log_batch(self.run_id, params=ps[i:i + 100])
-        self._client.log_text(self.run_id, config_text, "config.yaml")
+        return self.run_id
+
+    def abandon(self) -> None:
+        """Withdraw a claim that lost to another process's (the run is deleted, not counted)."""
+        if self.run_id is not None:
+            self._client.set_terminated(self.run_id, status="KILLED")
+            self._client.delete_run(self.run_id)
+            self.run_id = None
+
+    def start(self, params: Mapping[str, object], tags: Mapping[str, str], config_text: str) -> None:
+        from mlflow.entities import Param, RunTag
+
+        if self.run_id is None:
+            self.claim(tags)
+        try:
+            # MLflow caps a param value at 6000 characters; one batch call for all of them.
+            ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            ts = [RunTag(k, str(v)) for k, v in {**tags, **heartbeat_tag()}.items()]
+            for i in range(0, max(len(ps), 1), 100):
+                self._client.log_batch(self.run_id, params=ps[i:i + 100], tags=ts if i == 0 else [])
+            self._client.log_text(self.run_id, config_text, "config.yaml")
+        except Exception as e:
+            raise self._fail("params, tags and config.yaml", e) from e
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Every metric of one epoch in a single call (one SQLite transaction / HTTP request)."""
-        from mlflow.entities import Metric
+        """Every metric of one epoch, and the heartbeat, in a single call (one SQLite transaction /
+        HTTP request)."""
+        from mlflow.entities import Metric, RunTag
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
+        beat = [RunTag(k, v) for k, v in heartbeat_tag().items()]
+        try:
+            self._client.log_batch(self.run_id, metrics=batch, tags=beat)
+        except Exception as e:
+            raise self._fail(f"the metrics of epoch {step} and later", e) from e
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        try:
+            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        except Exception as e:
+            raise self._fail(f"tags {', '.join(tags)}", e) from e
 
     def log_model(self, state: Mapping[str, object], config_text: str) -> None:
         """The final state dict (CPU tensors) and the resolved config (JSON text) as one artifact,
@@ -192,7 +302,10 @@ class MlflowTracker:
             return
         if error:
             self.set_tags({TAG + "error": error[:5000]})
-        self._client.set_terminated(self.run_id, status=status)
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            raise self._fail(f"the run's end status {status}", e) from e
 
     def where(self) -> str:
         if self.run_id is None:
@@ -345,7 +458,9 @@ class BackgroundTracker:
         kind, why = self._read() if ready else ("failed", f"no answer in {self.timeout_s:.0f} s")
         if kind != "flushed" or why is not None:
             self._close()
-            raise RuntimeError(f"a tracker call failed in the logging process: {why}")
+            # A store failure stays one (the sweep stops after it); anything else is this run's error.
+            err = StoreError if why and why.startswith(("StoreError", "bnlab.tracking.StoreError")) else RuntimeError
+            raise err(f"a tracker call failed in the logging process: {why}")
 
     def _close(self) -> None:
         proc, self._proc, self._ready = self._proc, None, False

@@ -17,11 +17,11 @@ from torch import nn
 
 from bnlab import bn as bnm
 from bnlab import describe
-from bnlab.config import Config, ConfigError, Device, config_hash
+from bnlab.config import DIVERGED_LOSS, Config, ConfigError, Device, config_hash
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.load import model_artifact
 from bnlab.models import build_model, natural_shape
-from bnlab.tracking import TAG, BackgroundTracker, NullTracker
+from bnlab.tracking import TAG, BackgroundTracker, NullTracker, StoreError
 
 log = logging.getLogger("bnlab")
 
@@ -147,6 +147,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, leave=False, disable=not (enabled and sys.stderr.isatty()),
                 mininterval=0.5, unit="batch")
+
+
+
+
+def diverged(train_loss: float) -> bool:
+    """The divergence rule (bnlab.config.DIVERGED_LOSS): NaN/inf, or a finite loss that exploded."""
+    return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS
 
 
 def run_tags(cfg: Config) -> Dict[str, str]:
@@ -301,28 +308,42 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
           extra_tags: Optional[Dict[str, str]] = None, config_text: str = "") -> Dict[str, float]:
     """Train one model as configured, evaluate every epoch, log through `tracker`.
 
-    The data is loaded and the model built before the tracker starts a run, so bad data writes
-    nothing. A NaN/inf loss stops the run, tagged diverged, with its curves so far (status
-    FINISHED); any other error ends the run FAILED with the error recorded; Ctrl-C ends it KILLED.
+    A failure while loading the data or building the model ends the run FAILED (preflight in cli.py
+    checks the knowable first). A loss that diverges (NaN/inf or above DIVERGED_LOSS) stops the run,
+    tagged diverged, with its curves so far (status FINISHED); any other error ends the run FAILED
+    with the error recorded; Ctrl-C ends it KILLED.
     On CUDA the epoch metrics are written by a logging process (BackgroundTracker), in order.
     """
-    s = setup(cfg, data)
+    # What defines the run (bookkeeping left out, see bnlab.describe); config_text has everything.
+    params = describe.run_params(cfg)
+    tags = {**run_tags(cfg), **describe.run_tags(cfg), **(extra_tags or {})}
+    try:
+        s = setup(cfg, data)
+    except BaseException as e:
+        # A failure at the data or device stage still leaves a FAILED run with its error, so that
+        # a sweep's count, resume and the report all see it (Ctrl-C: KILLED).
+        t = BackgroundTracker(tracker or NullTracker())
+        t.start(params, tags, config_text)
+        if isinstance(e, KeyboardInterrupt):
+            t.end("KILLED", "interrupted (Ctrl-C)")
+        else:
+            t.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
+        raise
     # On CUDA an epoch takes tens of ms and one store write several: write from a logging process.
     # On CPU an epoch takes seconds and a write is under 0.1% of it: synchronous is cheapest.
     tracker = BackgroundTracker(tracker or NullTracker(), process=s.device.type == "cuda")
-    # What defines the run (bookkeeping left out, see bnlab.describe); config_text has everything.
-    params = describe.run_params(cfg)
-    tracker.start(params, {**run_tags(cfg), **describe.run_tags(cfg), **(extra_tags or {})}, config_text)
+    tracker.start(params, tags, config_text)
     final: Dict[str, float] = {}
     try:
         for epoch in range(1, cfg.train.epochs + 1):
             m = train_epoch(s, cfg.data.batch_size, f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress)
             train_loss = m["train/loss"]
-            if not math.isfinite(train_loss):
+            if diverged(train_loss):
                 # Curves end here; evaluating a NaN model would only add noise to the plots.
                 tracker.log_epoch(epoch, m)
                 tracker.set_tags({TAG + "diverged": "true", TAG + "diverged_epoch": str(epoch)})
-                log.warning("loss is %s at epoch %d: run stopped and tagged diverged", train_loss, epoch)
+                log.warning("loss is %s at epoch %d (divergence: non-finite or above %g): run stopped and "
+                            "tagged diverged", train_loss, epoch, DIVERGED_LOSS)
                 final = {**m, "diverged_epoch": epoch}
                 break
             m.update(epoch_metrics(s.model, s.ds, cfg, s.gen, final=epoch == cfg.train.epochs))
@@ -340,7 +361,13 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
         tracker.end("KILLED", "interrupted (Ctrl-C)")
         raise
     except BaseException as e:
-        tracker.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
+        try:
+            tracker.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
+        except StoreError as end_error:
+            # The store failed first: its own error says what was not written. Else the run's
+            # error could not be recorded, and that is what the caller must hear about.
+            if not isinstance(e, StoreError):
+                raise end_error from e
         raise
     tracker.end("FINISHED")
     return final

@@ -569,7 +569,7 @@ def test_report_writes_every_study(store, tmp_path, capsys):
         assert summary["n_runs"].sum() == len(store.expected(study))
     assert "mystudy" not in md  # not a known study: only on request
     assert "Left out: 1 FAILED run." in md and "Left out: 1 RUNNING run." in md and "Left out: 1 KILLED run." in md
-    assert "Diverged (finished, NaN/inf loss): 4 runs" in md
+    assert "Diverged (finished, loss NaN/inf or above 100): 4 runs" in md
     assert f"`{COMMIT[:12]}` (clean, " in md
     # captions state the numbers computed from the runs
     runs = R.load_runs("update_ops", store.uri)
@@ -585,10 +585,13 @@ def test_report_writes_every_study(store, tmp_path, capsys):
 
 def test_report_unknown_missing_and_bad_arguments(store, tmp_path, capsys):
     out = tmp_path / "r"
-    assert report.main([f"tracking.uri={store.uri}", f"out={out}", "study=mystudy,nothing_here"]) == 0
+    # neither a study nor an experiment of the store: refused with the list, nothing written
+    assert report.main([f"tracking.uri={store.uri}", f"out={out}", "study=mystudy,nothing_here"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown study 'nothing_here'" in err and "update_ops" in err and "mystudy" in err
+    assert not out.exists()
+    assert report.main([f"tracking.uri={store.uri}", f"out={out}", "study=mystudy"]) == 0
     assert (out / "mystudy" / "curves.png").is_file() and (out / "mystudy" / "summary.csv").is_file()
-    printed = capsys.readouterr().out
-    assert "[nothing_here] no runs" in printed
     md = (out / "REPORT.md").read_text()
     assert "mystudy/curves.png" in md and "nothing_here" not in md
     assert report.main([f"tracking.uri=sqlite:///{tmp_path / 'absent.db'}", f"out={out}"]) == 1

@@ -1,12 +1,15 @@
 """bnlab-report: every study's figures (PNG + SVG), summary.csv and a REPORT.md whose captions state
 the findings in numbers (mean ± 95% CI, n seeds), how to reproduce them and the code's git commit.
 
-    bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR]
+    bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]
 
 Defaults: every known study (conf/study/*.yaml) that has runs, the project's store, <project>/results.
+A study section already in DIR is never replaced by one with fewer runs used in the means (a store
+with fewer or only failed runs) unless --force is given; each config hash counts once.
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -19,10 +22,11 @@ import pandas as pd
 
 from bnlab.analysis import figures as F
 from bnlab.analysis.runs import FINAL, StoreNotFound, list_experiments, load_curves, load_runs
+from bnlab.config import DIVERGED_LOSS
 from bnlab.tracking import project_home, resolve_uri
 
 KNOWN_STUDIES = ["smoke", "update_ops", "momentum", "batch_size", "lr", "placement", "d2l"]
-USAGE = "usage: bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR]"
+USAGE = "usage: bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]"
 DPI = 120
 
 
@@ -311,7 +315,12 @@ def runs_text(runs: pd.DataFrame) -> str:
     txt = f"{len(runs)} {_runs(len(runs))}, {len(ok)} used in the means. Left out: "
     txt += f"{F.left_out_text(left)} {_runs(sum(left.values()))}" if left else "none"
     if n_div:
-        txt += f". Diverged (finished, NaN/inf loss): {n_div} {_runs(n_div)}, marked in the figures, not averaged"
+        txt += (f". Diverged (finished, loss NaN/inf or above {DIVERGED_LOSS:g}): {n_div} {_runs(n_div)}, "
+                "marked in the figures, not averaged")
+    dup = int(runs.attrs.get("duplicates", 0))
+    if dup:
+        txt += (f". Each config hash counted once: {dup} more {_runs(dup)} of configs already counted "
+                "(trained twice by concurrent sweeps, or attempts a resume retried) not counted")
     return txt + "."
 
 
@@ -323,6 +332,18 @@ def reproduce_text(study: str) -> str:
 
 
 # ------------------------------------------------------------------------------ writing
+
+def store_text(uri: str) -> str:
+    """The store as REPORT.md shows it (a committed file): a SQLite path relative to the project,
+    or only its file name when it lies elsewhere; never an absolute path of this machine."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        try:
+            return f"sqlite:///{path.relative_to(project_home().resolve()).as_posix()}"
+        except ValueError:
+            return f"sqlite:///.../{path.name}"
+    return safe_uri(uri)
+
 
 def safe_uri(uri: str) -> str:
     """The URI without a user:password@ part (REPORT.md is committed)."""
@@ -339,14 +360,32 @@ def _save(fig, base: Path) -> List[Path]:
     return paths
 
 
-def report_study(study: str, uri: str, out: Path, log=print) -> Optional[Path]:
-    """Figures, summary.csv and section.md of one study in out/<study>/; None if it has no runs."""
+class Kept(RuntimeError):
+    """A study section was left as it is: the store would give fewer runs used in the means."""
+
+
+def used_in_section(section: Path) -> Optional[int]:
+    """Runs used in the means according to an existing section.md, if there is one."""
+    if not section.is_file():
+        return None
+    m = re.search(r"(\d+) used in the means", section.read_text())
+    return int(m.group(1)) if m else None
+
+
+def report_study(study: str, uri: str, out: Path, log=print, force: bool = False) -> Optional[Path]:
+    """Figures, summary.csv and section.md of one study in out/<study>/; None if it has no runs.
+    Raises Kept (writing nothing) where out/<study> holds a section with more runs used in the
+    means than the store gives, unless force."""
     runs = load_runs(study, uri)
     if runs.empty:
         log(f"[{study}] no runs in {safe_uri(uri)}: skipped")
         return None
-    curves = load_curves(study, uri, runs=runs)
     folder = out / study
+    before, now = used_in_section(folder / "section.md"), len(F.split_runs(runs)[0])
+    if before is not None and now < before and not force:
+        raise Kept(f"[{study}] kept {folder}: it uses {before} runs in the means, the store gives {now} "
+                   f"({runs_text(runs)}); --force replaces it")
+    curves = load_curves(study, uri, runs=runs)
     folder.mkdir(parents=True, exist_ok=True)
     log(f"[{study}] {runs_text(runs)}")
     summary = summary_table(runs)
@@ -359,7 +398,7 @@ def report_study(study: str, uri: str, out: Path, log=print) -> Optional[Path]:
     lines += [f"- Runs: {runs_text(runs)}",
               f"- Reproduce: {reproduce_text(study)}",
               f"- Code: {commits_text(runs)}",
-              f"- Store: `{safe_uri(uri)}`, report generated {time.strftime('%Y-%m-%d %H:%M %Z')}",
+              f"- Store: `{store_text(uri)}`, report generated {time.strftime('%Y-%m-%d %H:%M %Z')}",
               f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)", ""]
     failed = 0
     for spec in figures_for(study):
@@ -420,6 +459,9 @@ def assemble(out: Path, studies_first: Sequence[str]) -> Path:
 def parse_args(argv: Sequence[str]) -> Dict[str, str]:
     args: Dict[str, str] = {}
     for a in argv:
+        if a == "--force":
+            args["force"] = "true"
+            continue
         key, sep, value = a.partition("=")
         if not sep or key not in ("study", "tracking.uri", "out"):
             raise ValueError(f"unknown argument {a!r}")
@@ -447,6 +489,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.get("study"):
             studies = [s for s in args["study"].split(",") if s]
+            unknown = [s for s in studies if s not in known]
+            if unknown:
+                # An experiment that is not a study (tracking.experiment=NAME) may be reported too.
+                try:
+                    exps = set(list_experiments(uri)["name"]) - {"Default"}
+                except StoreNotFound:
+                    exps = set()
+                unknown = [s for s in unknown if s not in exps]
+                if unknown:
+                    extra = f"; other experiments in the store: {', '.join(sorted(exps - set(known)))}" \
+                        if exps - set(known) else ""
+                    print(f"bnlab-report: unknown study {', '.join(map(repr, unknown))}; studies: "
+                          f"{', '.join(known)}{extra}", file=sys.stderr)
+                    return 2
         else:
             exps = list_experiments(uri)
             have = set(exps.loc[exps["n_runs"] > 0, "name"])
@@ -469,7 +525,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written = 0
     for study in studies:
         try:
-            written += report_study(study, uri, out) is not None
+            written += report_study(study, uri, out, force=bool(args.get("force"))) is not None
+        except Kept as e:
+            print(f"bnlab-report: {e}", file=sys.stderr)
+            errors += 1
         except StoreNotFound as e:
             print(f"bnlab-report: {e}", file=sys.stderr)
             return 1

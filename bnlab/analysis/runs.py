@@ -37,6 +37,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import pandas as pd
 
+from bnlab.config import DIVERGED_LOSS
 from bnlab.tracking import TAG, resolve_uri
 
 FINAL = "final/"
@@ -404,10 +405,10 @@ def _assemble(experiment: str, raw: _Raw) -> pd.DataFrame:
     out["study"] = tag(TAG + "study").fillna(experiment) if len(runs) else pd.Series(dtype=object)
     out["status"] = runs["status"].astype(object)
     out["role"] = tag(TAG + "role")
-    # Diverged: tagged by train(), or a logged last train/loss that is NaN/inf (a run killed while
-    # diverging is never tagged).
+    # Diverged: tagged by train(), or a logged last train/loss that breaks the divergence rule
+    # (NaN/inf or above DIVERGED_LOSS: a run killed while diverging, or logged before the rule).
     loss = raw.latest[raw.latest["key"] == "train/loss"]
-    bad_loss = set(loss.loc[~loss["value"].map(math.isfinite), "run_id"])
+    bad_loss = set(loss.loc[~loss["value"].map(lambda v: math.isfinite(v) and v <= DIVERGED_LOSS), "run_id"])
     out["diverged"] = (tag(TAG + "diverged").eq("true").fillna(False).astype(bool)
                        | runs["run_id"].isin(bad_loss))
     out["diverged_epoch"] = pd.to_numeric(tag(TAG + "diverged_epoch"), errors="coerce").astype("Int64")
@@ -447,7 +448,27 @@ def _load_runs(store, experiment: str) -> pd.DataFrame:
         return _empty_runs(experiment)
     raw = store.raw(exp_id)
     runs = _assemble(experiment, raw) if not raw.runs.empty else raw.runs
-    return runs if not runs.empty else _empty_runs(experiment)  # e.g. only a sweep's parent run
+    if runs.empty:
+        return _empty_runs(experiment)  # e.g. only a sweep's parent run
+    return once_per_config(runs)
+
+
+def once_per_config(runs: pd.DataFrame) -> pd.DataFrame:
+    """One run per config hash: the first FINISHED one, else the latest attempt. Stores written
+    before grid points were claimed may hold a config trained twice (two sweeps at once), which
+    would count as extra seeds; a failed attempt that a resume retried is superseded too. How many
+    runs were dropped is in frame.attrs["duplicates"]; runs without a config hash are all kept."""
+    h = runs["config_hash"]
+    keyed = runs[h.notna()]
+    by_start = keyed.sort_values("start_time", kind="stable")
+    done = by_start["status"].eq("FINISHED")
+    fin = by_start[done].drop_duplicates("config_hash")  # the first FINISHED
+    rest = by_start[~done & ~by_start["config_hash"].isin(fin["config_hash"])]
+    rest = rest.drop_duplicates("config_hash", keep="last")  # no FINISHED one: the latest attempt
+    keep = set(fin["run_id"]) | set(rest["run_id"]) | set(runs.loc[h.isna(), "run_id"])
+    out = runs[runs["run_id"].isin(keep)].reset_index(drop=True)
+    out.attrs["duplicates"] = int(len(runs) - len(out))
+    return out
 
 
 def load_curves(experiment: str, uri: Optional[str] = None, metrics: Optional[Iterable[str]] = None,

@@ -73,6 +73,18 @@ def preflight_data(cfgs: Sequence) -> None:
         if key not in loaded:
             loaded[key] = LOADERS[d.name](d, shape)
         ds = loaded[key]
+        y = torch.cat([ds.y_train, ds.y_val])
+        bad = y[(y < 0) | (y >= ds.classes)]
+        if len(bad):  # every loader checks its own files; this is the backstop for all of them
+            raise DataError(f"{ds.source}: labels must be in 0-{ds.classes - 1}, found {len(bad)} outside "
+                            f"(e.g. {int(bad[0])})")
+        n = len(ds.x_train) if d.train_subset is None else min(len(ds.x_train), d.train_subset)
+        if d.batch_size > n:
+            from bnlab.config import ConfigError
+
+            sub = " after data.train_subset" if d.train_subset else ""
+            raise ConfigError(f"data.batch_size must be at most the training set size ({n} examples{sub}), "
+                              f"got {d.batch_size}")
         model_key = json.dumps([to_plain(cfg)["model"], to_plain(cfg)["bn"], ds.shape, ds.classes])
         if model_key not in checked:
             check_model(cfg.model, cfg.bn, ds.shape, ds.classes)

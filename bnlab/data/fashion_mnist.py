@@ -112,6 +112,10 @@ def load_fashion_mnist(root: Optional[str]) -> Dataset:
         if xi.shape[1:] != (28, 28) or len(xi) != len(yi) or len(xi) != EXPECTED_COUNTS[split]:
             raise DataError(f"{folder}: {split} split has images {tuple(xi.shape)} and labels "
                             f"{tuple(yi.shape)}, expected {EXPECTED_COUNTS[split]} 28x28 images and labels")
+        bad = yi[yi.long() >= len(CLASSES)]  # IDX labels are unsigned bytes: never below 0
+        if len(bad):
+            raise DataError(f"{folder / FILES[split + '_labels'][0]}: labels must be in 0-{len(CLASSES) - 1}, "
+                            f"found {len(bad)} outside (e.g. {int(bad[0])})")
     # Pixels scaled to [0, 1] without centring, as d2l's ToTensor does.
     def imgs(x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(1).float().div_(255.0)

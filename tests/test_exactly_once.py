@@ -1,0 +1,179 @@
+"""Each grid point (config hash) is trained exactly once, whatever number of bnlab-train processes
+share a store: two sweeps launched together on a fresh and on an existing store, over one HTTP
+server, a live claim of another host, a stale claim taken over; and the report counts each config
+hash once in stores that hold duplicates."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from conftest import BIN, cli, runs_of, store_uri
+
+FAST = ["train.threads=1"]
+
+
+def _kids(runs):
+    return [r for r in runs if r.data.tags.get("bnlab.role") == "job"]
+
+
+def _two_at_once(home: Path, args, timeout: float = 600):
+    env = {**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([str(BIN / "bnlab-train"), *args], cwd=str(home), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def _assert_once(home, outs, n_points, uri=None, experiment="smoke"):
+    _, runs = runs_of(home, experiment, uri=uri)
+    kids = _kids(runs)
+    fin = Counter(k.data.tags["bnlab.config_hash"] for k in kids if k.info.status == "FINISHED")
+    assert len(fin) == n_points and set(fin.values()) == {1}, fin
+    assert not [k for k in kids if k.info.status != "FINISHED"], [k.info.status for k in kids]
+    # every grid point was trained by one process and skipped (and said so) by the other
+    summaries = [ln for o in outs for ln in o.splitlines() if ln.startswith("bnlab-train: ") and " finished, " in ln]
+    assert len(summaries) == 2, outs
+    finished = sum(int(s.split("bnlab-train: ")[1].split()[0]) for s in summaries)
+    skipped = sum(int(s.split(" skipped")[0].split()[-1]) for s in summaries)
+    assert finished == n_points and skipped == n_points, summaries
+    assert sum(o.count("skipped: config") for o in outs) == n_points
+    parents = [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
+    assert all(p.info.status == "FINISHED" for p in parents)
+    return runs
+
+
+def test_two_sweeps_at_once_on_a_fresh_store(home):
+    codes, outs = _two_at_once(home, ["study=smoke", *FAST])
+    assert codes == [0, 0], outs
+    text = "".join(outs)
+    assert "duplicate column" not in text and "already exists" not in text and "Traceback" not in text
+    runs = _assert_once(home, outs, 4)
+    # each process kept its own parent run, with its own counts
+    parents = [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
+    assert len(parents) == 2
+    assert sorted(int(p.data.tags["bnlab.jobs_finished"]) for p in parents) in ([0, 4], [1, 3], [2, 2])
+
+
+def test_two_sweeps_at_once_on_an_existing_store(home):
+    r = cli("bnlab-train", "-m", "data=synthetic", "train.epochs=1", "tracking.experiment=smoke", *FAST, home=home)
+    assert r.returncode == 0, r.stderr[-2000:]
+    codes, outs = _two_at_once(home, ["study=smoke", "seed=0,1,2", "hydra/launcher=joblib",
+                                      "hydra.launcher.n_jobs=2", *FAST])
+    assert codes == [0, 0], outs
+    _, runs = runs_of(home, "smoke")
+    # the earlier single-config sweep plus 6 grid points
+    fin = Counter(k.data.tags["bnlab.config_hash"] for k in _kids(runs) if k.info.status == "FINISHED")
+    assert len(fin) == 7 and set(fin.values()) == {1}, fin
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_sweeps_at_once_through_one_server(home, tmp_path):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        codes, outs = _two_at_once(home, ["study=smoke", f"tracking.uri={uri}", *FAST])
+        assert codes == [0, 0], outs
+        _assert_once(home, outs, 4, uri=uri)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _fake_claim(home, h: str, heartbeat: float) -> str:
+    """A RUNNING run of config `h` owned by a process on another host (its pid cannot be checked)."""
+    from bnlab.tracking import ensure_experiment
+    from mlflow.tracking import MlflowClient
+
+    exp_id = ensure_experiment(store_uri(home), "smoke")
+    c = MlflowClient(store_uri(home))
+    run = c.create_run(exp_id, run_name="elsewhere", tags={
+        "bnlab.config_hash": h, "bnlab.role": "job", "bnlab.host": "another-host", "bnlab.pid": "1",
+        "bnlab.heartbeat": f"{heartbeat:.0f}"})
+    return run.info.run_id
+
+
+def _hash_of(*overrides: str) -> str:
+    from bnlab import cli as bcli
+    from bnlab.config import config_hash
+
+    bcli._prepare_env()
+    jobs, _ = bcli.expand_jobs(list(overrides))
+    (job,) = jobs
+    return config_hash(bcli.validate_job(job))
+
+
+def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
+    args = ["study=smoke", "seed=0", "bn.update_stats=true", *FAST]
+    h = _hash_of(*args)
+    live = _fake_claim(home, h, time.time())
+    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "600"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"is being trained by run {live} (host another-host, pid 1)" in r.stdout + r.stderr
+    assert "0 finished, 0 failed, 1 skipped, 0 diverged" in r.stdout
+    # the same claim, its heartbeat now older than the timeout: taken over and marked KILLED
+    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "0.5"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 finished, 0 failed, 0 skipped, 0 diverged" in r.stdout
+    c, runs = runs_of(home, "smoke")
+    old = c.get_run(live)
+    assert old.info.status == "KILLED" and "no heartbeat" in old.data.tags["bnlab.error"]
+    fin = [k for k in _kids(runs) if k.info.status == "FINISHED"]
+    assert [k.data.tags["bnlab.config_hash"] for k in fin] == [h]
+    assert float(fin[0].data.tags["bnlab.heartbeat"]) > time.time() - 600
+
+
+def test_the_report_counts_each_config_hash_once(home, tmp_path):
+    # tracking.resume=false trains every grid point again: the store now holds duplicates, as
+    # stores written by two concurrent sweeps before claims existed do
+    for _ in range(2):
+        r = cli("bnlab-train", "study=smoke", "tracking.resume=false", *FAST, home=home)
+        assert r.returncode == 0, r.stderr[-2000:]
+    from bnlab.analysis.runs import load_runs
+
+    runs = load_runs("smoke", store_uri(home))
+    assert len(runs) == 4 and runs["config_hash"].is_unique and runs.attrs["duplicates"] == 4
+    r = cli("bnlab-report", "study=smoke", f"out={tmp_path / 'rep'}", home=home)
+    assert r.returncode == 0, r.stderr[-2000:]
+    section = (tmp_path / "rep" / "smoke" / "section.md").read_text()
+    assert "4 runs, 4 used in the means" in section
+    assert "Each config hash counted once: 4 more runs" in section
+    assert "n=4" not in section
+
+
+def test_two_sweeps_sharing_one_sweep_dir(home, tmp_path):
+    # an explicit hydra.sweep.dir shared by both: each keeps its own parent run and its own counts
+    codes, outs = _two_at_once(home, ["study=smoke", f"hydra.sweep.dir={tmp_path / 'shared'}", *FAST])
+    assert codes == [0, 0], outs
+    runs = _assert_once(home, outs, 4)
+    parents = {p.info.run_id: p for p in runs if p.data.tags.get("bnlab.role") == "sweep"}
+    assert len(parents) == 2
+    for k in _kids(runs):
+        assert k.data.tags["mlflow.parentRunId"] in parents
+    for pid, p in parents.items():
+        mine = [k for k in _kids(runs) if k.data.tags["mlflow.parentRunId"] == pid]
+        assert int(p.data.tags["bnlab.jobs_finished"]) == len(mine)
