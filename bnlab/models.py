@@ -199,7 +199,13 @@ def build_model(m: ModelConfig, b: BNConfig, shape: Optional[Sequence[int]] = No
 def check_model(m: ModelConfig, b: BNConfig, shape: Sequence[int], classes: int) -> None:
     """Build the model and run two examples through it (eval mode), so that a model that does not
     fit the data fails with one line before anything runs."""
-    model = build_model(m, b, shape, classes)
+    try:
+        model = build_model(m, b, shape, classes)
+    except ConfigError:
+        raise
+    except Exception as e:  # e.g. a layer too large to allocate, a user's factory that raises
+        raise ConfigError(f"model={m.name.value} cannot be built ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})") from e
     model.eval()
     try:
         with torch.no_grad():

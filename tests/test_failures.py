@@ -8,9 +8,42 @@ from pathlib import Path
 from conftest import cli, runs_of, store_uri
 
 FAST = ["train.threads=1"]
-# A layer of 10^12 units: the allocation is refused at once (about 3 PB), at the model-building
-# stage after every up-front check has passed.
+# A layer of 10^12 units: the allocation is refused at once (about 3 PB); preflight builds every
+# model, so this is refused before anything is written.
 HUGE = "[1000000000000]"
+# A researcher's model that passes every up-front check (it evaluates fine) but fails in training:
+# the run-time failure of a grid point.
+FAULTY = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fail = fail
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                  nn.Linear(16, 10))
+
+    def forward(self, x):
+        if self.training and self.fail:
+            raise RuntimeError("planted fault: this model cannot train")
+        return self.body(x)
+
+
+def good():
+    return Net(False)
+
+
+def bad():
+    return Net(True)
+"""
+SMALL = ["data=synthetic", "data.synthetic_train=256", "data.synthetic_val=64", "data.batch_size=32",
+         "bn.precise_samples=64", "train.bs1_samples=4"]
+
+
+def _faulty(home: Path) -> dict:
+    (home / "faultynet.py").write_text(FAULTY)
+    return {"PYTHONPATH": str(home)}
 
 
 def _kids(runs):
@@ -22,37 +55,47 @@ def _parents(runs):
 
 
 def test_a_failing_grid_point_is_counted_recorded_and_retried(home):
-    args = ["-m", "data=synthetic", "model=mlp", f"model.hidden=[32],{HUGE}", "train.epochs=1",
+    args = ["-m", "model=custom", "model.target=faultynet:good,faultynet:bad", *SMALL, "train.epochs=1",
             "tracking.experiment=fail", *FAST]
-    r = cli("bnlab-train", *args, home=home)
+    env = _faulty(home)
+    r = cli("bnlab-train", *args, home=home, env=env)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "bnlab-train: 1 finished, 1 failed, 0 skipped, 0 diverged" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
     _, runs = runs_of(home, "fail")
-    kids = {k.data.params.get("model.hidden"): k for k in _kids(runs)}
-    assert kids["[32]"].info.status == "FINISHED"
-    bad = kids[HUGE]
-    assert bad.info.status == "FAILED" and "allocate" in bad.data.tags["bnlab.error"]
+    kids = {k.data.params.get("model.target"): k for k in _kids(runs)}
+    assert kids["faultynet:good"].info.status == "FINISHED"
+    bad = kids["faultynet:bad"]
+    assert bad.info.status == "FAILED" and "planted fault" in bad.data.tags["bnlab.error"]
     (parent,) = _parents(runs)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["bnlab.jobs_finished"] == "1" and parent.data.tags["bnlab.jobs_failed"] == "1"
     assert parent.data.tags["bnlab.summary"].startswith("1 finished, 1 failed, 0 skipped, 0 diverged")
     # resume: the finished point is skipped, the failed one tried again (and fails again)
-    r = cli("bnlab-train", *args, home=home)
+    r = cli("bnlab-train", *args, home=home, env=env)
     assert r.returncode == 1
     assert "bnlab-train: 0 finished, 1 failed, 1 skipped, 0 diverged" in r.stdout
     _, runs = runs_of(home, "fail")
     assert sorted(k.info.status for k in _kids(runs)) == ["FAILED", "FAILED", "FINISHED"]
 
 
-def test_a_single_run_failing_at_the_model_stage_leaves_a_failed_run(home):
+def test_a_model_that_cannot_be_built_is_refused_up_front(home):
     r = cli("bnlab-train", "data=synthetic", "model=mlp", f"model.hidden={HUGE}", "tracking.experiment=one", *FAST,
             home=home)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be built" in lines[0] and "allocate" in lines[0], r.stderr[-2000:]
+    assert not (home / "runs" / "mlflow.db").exists()
+
+
+def test_a_single_run_failing_in_training_leaves_a_failed_run(home):
+    r = cli("bnlab-train", "model=custom", "model.target=faultynet:bad", *SMALL, "tracking.experiment=one", *FAST,
+            home=home, env=_faulty(home))
     assert r.returncode == 1
     _, runs = runs_of(home, "one")
     (run,) = runs
-    assert run.info.status == "FAILED" and "allocate" in run.data.tags["bnlab.error"]
-    assert run.data.params["model.hidden"] == HUGE  # the config is recorded with the failure
+    assert run.info.status == "FAILED" and "planted fault" in run.data.tags["bnlab.error"]
+    assert run.data.params["model.target"] == "faultynet:bad"  # the config is recorded with the failure
 
 
 def test_a_finite_exploding_loss_is_a_divergence(home):
@@ -90,7 +133,8 @@ def test_the_report_keeps_a_richer_section_unless_forced(home, tmp_path):
     # another store where every smoke run FAILED
     other = tmp_path / "other"
     other.mkdir()
-    r = cli("bnlab-train", "study=smoke", "model=mlp", f"model.hidden={HUGE}", *FAST, home=other)
+    r = cli("bnlab-train", "study=smoke", "model=custom", "model.target=faultynet:bad", *FAST, home=other,
+            env=_faulty(other))
     assert r.returncode == 1
     assert "0 finished, 4 failed" in r.stdout
     r = cli("bnlab-report", "study=smoke", f"out={out}", home=other)
