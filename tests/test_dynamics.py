@@ -258,3 +258,33 @@ def test_precise_sizes_are_logged_at_the_last_epoch_and_the_whole_set_equals_pre
     assert 0 <= m2["val/acc_precise_bn/16"] <= 1
     # all 512 training examples, in another order: the same population statistics
     assert m2["val/acc_precise_bn/1000000"] == pytest.approx(m2["val/acc_precise_bn"], abs=1 / 128 + 1e-12)
+
+
+# ----------------------------------------------------------------------------- the studies, smoke-sized
+
+SMOKE = ["data=synthetic", "data.synthetic_train=256", "data.synthetic_val=64", "train.threads=1",
+         "train.bs1_samples=8", "bn.precise_samples=128", "seed=0"]
+STUDY_SMOKE = {
+    # study: (extra overrides, expected runs, metrics every run must have)
+    "ema_vs_precise": (["train.eval_every=4", "train.eval_subset=32", "data.batch_size=32"], 1,
+                       {"step/val/acc", "step/val/acc_precise_bn", "step/val/acc_shadow/0.01", "step/lr"}),
+    "precise_samples": (["train.epochs=1", "bn.precise_sizes=[16,64,100000]"], 1,
+                        {"val/acc_precise_bn/16", "val/acc_precise_bn/100000"}),
+    "norm_batch": (["train.epochs=2", "bn.ghost_batch_size=4,null", "bn.freeze_at=null,2"], 4,
+                   {"val/acc_batch_stats", "val/acc_precise_bn", "train/acc"}),
+    "gamma_beta": (["train.epochs=1", "model.activation=relu"], 2, {"val/acc", "train/acc"}),
+}
+
+
+@pytest.mark.parametrize("study", sorted(STUDY_SMOKE))
+def test_every_new_study_runs_smoke_sized(study, home):
+    from conftest import cli, runs_of
+
+    extra, n, metrics = STUDY_SMOKE[study]
+    r = cli("bnlab-train", f"study={study}", *SMOKE, *extra, "train.progress=false", home=home, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, runs = runs_of(home, study)
+    children = [x for x in runs if x.data.tags.get("bnlab.role") != "sweep"]
+    assert len(children) == n and all(x.info.status == "FINISHED" for x in children)
+    for x in children:
+        assert metrics <= set(x.data.metrics), metrics - set(x.data.metrics)
