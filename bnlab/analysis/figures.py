@@ -1,6 +1,8 @@
 """Report figures as pure functions: frames from analysis/runs.py in, a matplotlib Figure out (no
-MLflow, no files, no pyplot state). Seeds are averaged with a 95% t-interval band (none for n=1);
-failed/running runs are left out and counted in a footnote; diverged runs are marked, never dropped."""
+MLflow, no files, no pyplot state). Seeds are averaged with a 95% band (none for n=1): a t-interval
+on the logit scale for accuracies (it stays inside [0, 1]), a t-interval otherwise; where n <= 5
+each seed is also drawn as a thin line. Failed/running runs are left out and counted in a
+footnote; diverged runs are marked, never dropped."""
 from __future__ import annotations
 
 import math
@@ -78,22 +80,87 @@ def mean_ci(values: Iterable[float], level: float = 0.95) -> Tuple[float, float,
     return float(v.mean()), float(half), n
 
 
+# Accuracies are fractions in [0, 1]: their interval is a t-interval of logit(value) mapped back,
+# which never leaves (0, 1). Values are clipped to [ACC_CLIP, 1 - ACC_CLIP] first (logit(0) = -inf).
+ACC_CLIP = 1e-3
+CI_METHOD = ("accuracies: 95% t-interval of the mean of logit(accuracy) over seeds, mapped back "
+             "through the logistic function (always inside [0, 1]; values clipped to [0.001, 0.999]); "
+             "other quantities: mean ± the half-width of the 95% t-interval")
+SEED_LINES_MAX_N = 5  # where a group has at most this many seeds, each seed is drawn as a thin line
+
+
+def is_accuracy(name: str) -> bool:
+    """train/acc, val/acc, val/acc_precise_bn/16, step/val/acc_shadow/0.1 (with or without final/):
+    fractions in [0, 1]. gap/acc (a difference) is not one."""
+    parts = str(name).split("/")
+    while parts and parts[0] in ("final", "step"):
+        parts = parts[1:]
+    return len(parts) >= 2 and parts[0] in ("train", "val") and parts[1].startswith("acc")
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, ACC_CLIP, 1 - ACC_CLIP)
+    return np.log(p / (1 - p))
+
+
+def acc_interval(values: Iterable[float], level: float = 0.95) -> Tuple[float, float]:
+    """(low, high) of the 95% interval for a mean accuracy: t-interval on the logit scale, mapped
+    back; (nan, nan) for fewer than 2 finite values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    z = _logit(v)
+    half = t_quantile(0.5 + level / 2, len(v) - 1) * z.std(ddof=1) / math.sqrt(len(v))
+    lo, hi = z.mean() - half, z.mean() + half
+    return float(1 / (1 + math.exp(-lo))), float(1 / (1 + math.exp(-hi)))
+
+
+def interval(values, name: str = "") -> Tuple[float, float, float, int]:
+    """(mean, low, high, n): the logit interval for an accuracy (by `name`, or the Series' own
+    name), mean ± t half-width otherwise."""
+    name = name or str(getattr(values, "name", "") or "")
+    vals = list(values)
+    m, ci, n = mean_ci(vals)
+    if is_accuracy(name):
+        lo, hi = acc_interval(vals)
+    else:
+        lo, hi = m - ci, m + ci
+    return m, lo, hi, n
+
+
 def _hashable(s: pd.Series) -> pd.Series:
     return s.map(lambda v: tuple(v) if isinstance(v, list) else v) if s.dtype == object else s
 
 
 def aggregate(df: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
-    """Mean, 95% CI half-width and n of `value` per group of `by` (nulls are a group: bn.momentum
-    NaN = cumulative). Non-finite values are not averaged."""
+    """Mean, 95% CI half-width, n, and the band (lo, hi) of `value` per group of `by` (nulls are a
+    group: bn.momentum NaN = cumulative). Non-finite values are not averaged. The band is the
+    logit-scale interval (acc_interval) where the values are accuracies (the column is one, or in a
+    curves frame, value="value" and every metric is one; column `bounded`), mean ± ci otherwise."""
     if df.empty:
-        return pd.DataFrame(columns=[*by, "mean", "ci", "n"])
+        return pd.DataFrame(columns=[*by, "mean", "ci", "n", "lo", "hi", "bounded"])
+    metrics = df["metric"].dropna().unique() if value == "value" and "metric" in df else [value]
+    acc = len(metrics) > 0 and all(is_accuracy(m) for m in metrics)
     d = df[list(by)].apply(_hashable).assign(_v=df[value].astype(float).where(np.isfinite(df[value].astype(float))))
-    g = d.groupby(list(by), dropna=False, sort=True)["_v"].agg(["mean", "std", "count"]).reset_index()
+    grouped = d.groupby(list(by), dropna=False, sort=True)["_v"]
+    g = grouped.agg(["mean", "std", "count"]).reset_index()
     t = g["count"].map(lambda n: t_quantile(0.975, int(n) - 1) if n >= 2 else float("nan"))
     g["ci"] = t * g["std"] / np.sqrt(g["count"].clip(lower=1))
     g = g.rename(columns={"count": "n"}).drop(columns="std")
     g["n"] = g["n"].astype(int)
+    if acc:
+        # Same groupby, same order: one (lo, hi) pair per row of g.
+        pairs = grouped.agg(lambda v: acc_interval(v.tolist())).tolist()
+        g["lo"], g["hi"] = [p[0] for p in pairs], [p[1] for p in pairs]
+    else:
+        g["lo"], g["hi"] = g["mean"] - g["ci"], g["mean"] + g["ci"]
+    g["bounded"] = acc
     return g[g["n"] > 0].reset_index(drop=True)
+
+
+def _ci(agg: pd.DataFrame) -> Tuple[np.ndarray, np.ndarray]:
+    """(low, high) band arrays of an aggregate() frame."""
+    return agg["lo"].to_numpy(float), agg["hi"].to_numpy(float)
 
 
 def param_columns(df: pd.DataFrame) -> List[str]:
@@ -203,15 +270,35 @@ def group_label(row, cols: Sequence[str]) -> str:
 
 
 def _band(ax, x, mean, ci, label: str, color, marker: str = "o", ls: str = "-", zorder: int = 2):
-    x, mean, ci = np.asarray(x, float), np.asarray(mean, float), np.asarray(ci, float)
+    """The mean as a line and its 95% band: `ci` is a half-width array or a (low, high) pair."""
+    x, mean = np.asarray(x, float), np.asarray(mean, float)
+    if isinstance(ci, tuple):
+        lo, hi = (np.asarray(a, float) for a in ci)
+    else:
+        ci = np.asarray(ci, float)
+        lo, hi = mean - ci, mean + ci
     order = np.argsort(x)
-    x, mean, ci = x[order], mean[order], ci[order]
+    x, mean, lo, hi = x[order], mean[order], lo[order], hi[order]
     (line,) = ax.plot(x, mean, marker=marker, ls=ls, color=color, label=label, ms=4, zorder=zorder)
-    ok = np.isfinite(ci)
+    ok = np.isfinite(lo) & np.isfinite(hi)
     if ok.any():
-        ax.fill_between(x, np.where(ok, mean - ci, mean), np.where(ok, mean + ci, mean),
+        ax.fill_between(x, np.where(ok, lo, mean), np.where(ok, hi, mean),
                         color=color, alpha=0.2, lw=0, zorder=zorder - 1)
     return line
+
+
+def _seed_lines(ax, frame: pd.DataFrame, x: str, y: str, color, by: str = "seed") -> None:
+    """Each seed (or run, by="run_id") as a thin line under the mean, where there are at most
+    SEED_LINES_MAX_N of them: with so few seeds the band alone hides how they scatter."""
+    if frame.empty or by not in frame or y not in frame or x not in frame:
+        return
+    keys = frame[by].dropna().unique()
+    if not 0 < len(keys) <= SEED_LINES_MAX_N:
+        return
+    for k in keys:
+        g = frame[frame[by] == k].sort_values(x)
+        ax.plot(g[x].to_numpy(float), g[y].to_numpy(float), color=color, lw=0.6, alpha=0.45,
+                zorder=1, label="_seed")
 
 
 def _new(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.8, **kw):
@@ -269,9 +356,10 @@ def _usable_curves(curves: pd.DataFrame) -> pd.DataFrame:
 
 def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], colors=None, ls="-",
                   log: bool = False):
-    """One line per group, per step: mean and 95% CI over seeds. With log=True (for a log axis)
-    the mean and CI are those of log10(value), drawn back as 10**: the geometric mean and a band
-    that stays positive (a t-interval of the raw values runs below zero on a log axis)."""
+    """One line per group, per step: mean and 95% band over seeds (logit-scale for accuracies), and
+    each run as a thin line where a group has at most SEED_LINES_MAX_N runs. With log=True (for a
+    log axis) the mean and CI are those of log10(value), drawn back as 10**: the geometric mean
+    and a band that stays positive (a t-interval of the raw values runs below zero on a log axis)."""
     sub = curves[curves["metric"] == metric]
     if log:
         sub = sub[sub["value"] > 0].assign(value=np.log10(sub.loc[sub["value"] > 0, "value"]))
@@ -280,17 +368,20 @@ def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], 
     agg = aggregate(sub, [*groups, "step"], "value")
     keys = agg[list(groups)].drop_duplicates() if groups else pd.DataFrame(index=[0])
     for i, (_, key) in enumerate(keys.iterrows()):
-        g = agg
+        g, runs_g = agg, sub
         for c in groups:
             g = g[_same(g[c], key[c])]
+            runs_g = runs_g[_same(_hashable(runs_g[c]), key[c])]
         color = (colors or {}).get(i, COLORS[i % len(COLORS)])
         if log:
             x, m, ci = (g[c].to_numpy(float) for c in ("step", "mean", "ci"))
             ax.plot(x, 10 ** m, marker="o", ls=ls, color=color, label=group_label(key, groups), ms=4)
             ci = np.where(np.isfinite(ci), ci, 0.0)
             ax.fill_between(x, 10 ** (m - ci), 10 ** (m + ci), color=color, alpha=0.2, lw=0)
+            _seed_lines(ax, runs_g.assign(value=10 ** runs_g["value"]), "step", "value", color, by="run_id")
         else:
-            _band(ax, g["step"], g["mean"], g["ci"], group_label(key, groups), color, ls=ls)
+            _band(ax, g["step"], g["mean"], _ci(g), group_label(key, groups), color, ls=ls)
+            _seed_lines(ax, runs_g, "step", "value", color, by="run_id")
 
 
 def _same(col: pd.Series, v) -> pd.Series:
@@ -327,7 +418,8 @@ def fig_update_ops(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) ->
         for metric, label, color, ls, marker in UPDATE_OPS_METRICS:
             agg = aggregate(sub[sub["metric"] == metric], ["step"], "value")
             if not agg.empty:
-                _band(ax, agg["step"], agg["mean"], agg["ci"], label, color, marker, ls)
+                _band(ax, agg["step"], agg["mean"], _ci(agg), label, color, marker, ls)
+                _seed_lines(ax, sub[sub["metric"] == metric], "step", "value", color, by="run_id")
         _chance(ax)
         n = sub["run_id"].nunique()
         ax.set_title(f"bn.update_stats={str(bool(v)).lower()}: "
@@ -357,8 +449,9 @@ def _special_axis(ax, pts: pd.DataFrame, value: str, bsizes, colors, diverged: p
             s = sub[sel(sub["bn.momentum"])]
             if s.empty:
                 continue
-            m, ci, n = mean_ci(s[value])
-            ax.errorbar([x + (i - (len(bsizes) - 1) / 2) * 0.12], [m], yerr=[[ci if np.isfinite(ci) else 0]],
+            m, lo, hi, n = interval(s[value], value)
+            err = [[m - lo], [hi - m]] if np.isfinite(lo) else None
+            ax.errorbar([x + (i - (len(bsizes) - 1) / 2) * 0.12], [m], yerr=err,
                         fmt="o", color=colors[i], ms=5, capsize=3, label=f"_special {b}")
     ax.set_xticks([x for x, _, _ in cats], [lab for _, lab, _ in cats], fontsize=7)
     ax.set_xlim(-0.6, 1.6)
@@ -402,8 +495,9 @@ def fig_momentum(runs: pd.DataFrame, shadows: bool = True) -> Figure:
             n = aggregate(pts[pts["data.batch_size"] == b], ["bn.momentum"], value)["n"]
             seeds = f"n={n.min()}" if n.min() == n.max() else f"n={n.min()}–{n.max()}"
             if not agg.empty:
-                _band(ax, agg["bn.momentum"], agg["mean"], agg["ci"], f"batch size {b:g} ({seeds} seeds per point)",
+                _band(ax, agg["bn.momentum"], agg["mean"], _ci(agg), f"batch size {b:g} ({seeds} seeds per point)",
                       colors[i])
+                _seed_lines(ax, sub, "bn.momentum", value, colors[i])
         _special_axis(axl, pts, value, bsizes, colors, diverged)
         if r == 0:
             _chance(ax)
@@ -508,14 +602,15 @@ def fig_batch_size(runs: pd.DataFrame) -> Figure:
         if frame.empty or col not in frame or frame[col].notna().sum() == 0:
             continue
         agg = aggregate(frame, ["data.batch_size"], col)
-        _band(ax, agg["data.batch_size"], agg["mean"], agg["ci"], label, color, marker, ls)
+        _band(ax, agg["data.batch_size"], agg["mean"], _ci(agg), label, color, marker, ls)
+        _seed_lines(ax, frame, "data.batch_size", col, color)
     for k, (pl, frame) in enumerate(runs.groupby("bn.placement")):
         _x_diverged(ax, frame, "data.batch_size", PLACEMENT_COLOR.get(pl, "k"), PLACEMENT_LABEL.get(pl, pl),
                     jitter=1.12 ** k, row=k)
     col = FINAL + "val/acc_batch_stats_bs1"
     if col in with_bn and with_bn[col].notna().any():
         agg = aggregate(with_bn, ["data.batch_size"], col)
-        _band(ax1, agg["data.batch_size"], agg["mean"], agg["ci"],
+        _band(ax1, agg["data.batch_size"], agg["mean"], _ci(agg),
               "BN, batch statistics of ONE example (train mode, batch size 1 at test)", "tab:purple", "v", "-")
     else:
         ax1.text(0.5, 0.5, "val/acc_batch_stats_bs1 not logged", ha="center", transform=ax1.transAxes)
@@ -590,7 +685,8 @@ def fig_lr(runs: pd.DataFrame) -> Figure:
         color = PLACEMENT_COLOR.get(pl, COLORS[k % len(COLORS)])
         agg = aggregate(ok[ok["bn.placement"] == pl], ["optim.lr"], FINAL + "val/acc")
         if not agg.empty:
-            _band(ax, agg["optim.lr"], agg["mean"], agg["ci"], _variant(pl), color)
+            _band(ax, agg["optim.lr"], agg["mean"], _ci(agg), _variant(pl), color)
+            _seed_lines(ax, ok[ok["bn.placement"] == pl], "optim.lr", FINAL + "val/acc", color)
         _x_diverged(ax, fin[fin["bn.placement"] == pl], "optim.lr", color, _variant(pl), jitter=1.12 ** k, row=k)
         y = 1.04 + 0.035 * k
         for lo, hi in regions.get(pl, []):
@@ -624,15 +720,18 @@ def fig_placement(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
             c = okc[(okc["model.activation"] == act) & (okc["bn.placement"] == pl) & (okc["metric"] == "val/acc")]
             agg = aggregate(c, ["step"], "value")
             if not agg.empty:
-                _band(top, agg["step"], agg["mean"], agg["ci"], PLACEMENT_LABEL[pl], color)
-            m, ci, n = mean_ci(ok.loc[(ok["model.activation"] == act) & (ok["bn.placement"] == pl), FINAL + "val/acc"])
+                _band(top, agg["step"], agg["mean"], _ci(agg), PLACEMENT_LABEL[pl], color)
+                _seed_lines(top, c, "step", "value", color, by="run_id")
+            vals = ok.loc[(ok["model.activation"] == act) & (ok["bn.placement"] == pl), FINAL + "val/acc"]
+            m, lo, hi, n = interval(vals, FINAL + "val/acc")
             if n:
-                bottom.bar(k, m, color=color, yerr=ci if np.isfinite(ci) else None, capsize=4, alpha=0.85)
-                label = f"{m:.3f}" + (f"\n±{ci:.3f}" if np.isfinite(ci) else "") + f"\nn={n}"
+                err = [[m - lo], [hi - m]] if np.isfinite(lo) else None
+                bottom.bar(k, m, color=color, yerr=err, capsize=4, alpha=0.85)
+                label = f"{m:.3f}" + (f"\n[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "") + f"\nn={n}"
                 if m >= 0.3:  # inside a tall bar, above the error bar's top for a short one
                     bottom.text(k, m / 2, label, ha="center", va="center", fontsize=7, color="white")
                 else:
-                    top_of = m + (ci if np.isfinite(ci) else 0.0) + 0.02
+                    top_of = (hi if np.isfinite(hi) else m) + 0.02
                     bottom.text(k, top_of, label, ha="center", va="bottom", fontsize=7, color="black")
         top.set_title(f"model.activation={act}", fontsize=9)
         _epoch_axis(top)
