@@ -826,3 +826,300 @@ def fig_curves(curves: pd.DataFrame, metrics: Sequence[str] = ("train/acc", "val
     n = ok["run_id"].nunique()
     notes.append(f"{n} run(s)")
     return _finish(fig, title, notes)
+
+
+# ------------------------------------------------------------------------------ dynamics studies
+
+STEP = "step/"
+D2L_REPORTED = {"from-scratch BN (seed 004)": 0.878, "framework BN (seed 004)": 0.796}
+
+
+def step_wide(curves: pd.DataFrame) -> pd.DataFrame:
+    """Step-level metrics (step/<metric>, MLflow step = global SGD step) of the usable runs as one
+    row per (run, step) with a column per metric (prefix kept), plus seed and bn.momentum."""
+    ok = _usable_curves(curves)
+    sub = ok[ok["metric"].str.startswith(STEP)] if not ok.empty else ok
+    if sub.empty:
+        return pd.DataFrame()
+    wide = sub.pivot_table(index=["run_id", "step"], columns="metric", values="value").reset_index()
+    wide.columns.name = None
+    meta = [c for c in ("seed", "bn.momentum") if c in sub]
+    return wide.merge(sub.drop_duplicates("run_id")[["run_id", *meta]], on="run_id", how="left")
+
+
+def _shadow_cols(wide: pd.DataFrame, prefix: str = STEP + "val/acc_shadow/") -> Dict[float, str]:
+    return {float(c[len(prefix):]): c for c in wide.columns if c.startswith(prefix)}
+
+
+def _lr_changes(wide: pd.DataFrame) -> List[float]:
+    """Global steps at which the scheduled learning rate changed (from step/lr)."""
+    if STEP + "lr" not in wide:
+        return []
+    lr = wide.groupby("step")[STEP + "lr"].mean().sort_index()
+    return [float(s) for s, a, b in zip(lr.index[1:], lr.to_numpy()[:-1], lr.to_numpy()[1:]) if not np.isclose(a, b)]
+
+
+def ema_gaps(wide: pd.DataFrame) -> pd.DataFrame:
+    """Per run and step: precise-BN accuracy minus EMA accuracy for each momentum (the run's own
+    bn.momentum: step/val/acc; shadows: step/val/acc_shadow/<m>). Columns run_id, seed, step,
+    momentum, gap, lr."""
+    if wide.empty or STEP + "val/acc_precise_bn" not in wide:
+        return pd.DataFrame(columns=["run_id", "seed", "step", "momentum", "gap", "lr"])
+    parts = []
+    own = wide["bn.momentum"] if "bn.momentum" in wide else pd.Series(np.nan, index=wide.index)
+    cols = {**{m: c for m, c in _shadow_cols(wide).items()}}
+    for m, c in [(None, STEP + "val/acc"), *sorted(cols.items())]:
+        if c not in wide:
+            continue
+        mom = own if m is None else pd.Series(m, index=wide.index)
+        parts.append(pd.DataFrame({"run_id": wide["run_id"], "seed": wide.get("seed"), "step": wide["step"],
+                                   "momentum": mom.astype(float),
+                                   "gap": wide[STEP + "val/acc_precise_bn"] - wide[c],
+                                   "lr": wide.get(STEP + "lr", pd.Series(np.nan, index=wide.index))}))
+    out = pd.concat(parts, ignore_index=True)
+    return out.drop_duplicates(["run_id", "step", "momentum"])
+
+
+def fig_ema_vs_precise(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> Figure:
+    """Step-level validation accuracy through a run with a step decay of the learning rate: EMA
+    running statistics at several momenta (the run's own and its shadows) against precise BN and
+    batch statistics (top); the gap precise − EMA per momentum, with the learning rate (bottom).
+    Mean and 95% band over seeds; each seed thin where n <= 5."""
+    title = "EMA vs precise BN during training: stale EMA statistics while the learning rate is high"
+    notes = _notes(curves if runs is None else runs, "not averaged")
+    wide = step_wide(curves)
+    if wide.empty or STEP + "val/acc" not in wide:
+        return _empty(title, "no step-level metrics (train.eval_every) logged", notes)
+    fig, axes = _new(1, 2, width=8.0, height=3.4, sharex=True)
+    top, bottom = axes[0, 0], axes[1, 0]
+    own = wide["bn.momentum"].dropna().unique() if "bn.momentum" in wide else []
+    series = [(STEP + "val/acc_precise_bn", "precise BN (population statistics)", "tab:green", "-")]
+    series += [(STEP + "val/acc_batch_stats", "batch statistics", "tab:blue", ":")]
+    moms = {float(own[0]) if len(own) == 1 else float("nan"): STEP + "val/acc", **_shadow_cols(wide)}
+    ordered = sorted(moms.items(), key=lambda kv: -kv[0] if np.isfinite(kv[0]) else 0)
+    cmap = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    colors = {m: cmap[i % len(cmap)] for i, (m, _) in enumerate(ordered)}
+    series += [(c, f"EMA, momentum {m:g}", colors[m], "-") for m, c in ordered]
+    main = {STEP + "val/acc_precise_bn", STEP + "val/acc"}
+    for col, label, color, ls in series:
+        if col not in wide:
+            continue
+        long = wide[["run_id", "seed", "step", col]].dropna().assign(metric=col.replace(STEP, ""))
+        agg = aggregate(long, ["step"], col)
+        # Bands and seed lines only for precise BN and the run's own EMA: eight bands hide each other.
+        band = _ci(agg) if col in main else np.full(len(agg), np.nan)
+        _band(top, agg["step"], agg["mean"], band, label, color, marker="", ls=ls)
+        if col in main:
+            _seed_lines(top, long, "step", col, color, by="run_id")
+    top.set_ylabel("val/acc on the step-level subset")
+    top.set_ylim(max(0.0, float(np.nanmin(wide[STEP + "val/acc"])) - 0.05), 1.0)
+    gaps = ema_gaps(wide)
+    for m, _ in ordered:
+        g = gaps[np.isclose(gaps["momentum"], m)] if np.isfinite(m) else gaps[gaps["momentum"].isna()]
+        if g.empty:
+            continue
+        agg = aggregate(g, ["step"], "gap")
+        _band(bottom, agg["step"], agg["mean"], _ci(agg), f"_gap {m:g}", colors[m], marker="", ls="-")
+    bottom.axhline(0, color="0.5", lw=0.8)
+    if not gaps.empty:
+        means = gaps.groupby(["momentum", "step"])["gap"].mean()
+        bottom.set_ylim(min(-0.05, float(means.min()) - 0.05), float(means.max()) + 0.1)
+    bottom.set_ylabel("precise BN − EMA\n(val/acc, mean and 95% CI)")
+    bottom.set_xlabel("global SGD step")
+    for ax in (top, bottom):
+        for s in _lr_changes(wide):
+            ax.axvline(s, color="0.3", ls="--", lw=0.8, label="learning-rate decay")
+    if STEP + "lr" in wide:
+        lr = wide.groupby("step")[STEP + "lr"].mean().sort_index()
+        twin = bottom.twinx()
+        twin.plot(lr.index, lr.to_numpy(), color="0.4", lw=1.2, drawstyle="steps-post", label="learning rate (right axis)")
+        twin.set_yscale("log")
+        twin.set_ylabel("learning rate (log)")
+    n = wide["run_id"].nunique()
+    notes.append(f"{n} run(s); every {int(np.diff(sorted(wide['step'].unique()))[0]) if wide['step'].nunique() > 1 else 0} steps")
+    return _finish(fig, title, notes, legend_axes=fig.axes)
+
+
+def precise_size_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """final/val/acc_precise_bn/<n> columns -> rows: run_id, seed, samples, acc."""
+    prefix = FINAL + "val/acc_precise_bn/"
+    parts = []
+    for c in runs.columns:
+        if c.startswith(prefix):
+            parts.append(pd.DataFrame({"run_id": runs["run_id"], "seed": runs.get("seed"),
+                                       "samples": float(c[len(prefix):]), "acc": runs[c]}))
+    if not parts:
+        return pd.DataFrame(columns=["run_id", "seed", "samples", "acc"])
+    return pd.concat(parts, ignore_index=True).dropna(subset=["acc"])
+
+
+def fig_precise_samples(runs: pd.DataFrame) -> Figure:
+    """Precise-BN val/acc against the number of calibration samples (log axis), every size
+    evaluated on the same weights at the last epoch; the EMA (running statistics) and batch
+    statistics of the same runs as horizontal bands; Wu & Johnson's 10^3-10^4 shaded."""
+    title = "Precise BN: how many calibration samples are enough?"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "not averaged")
+    rows = precise_size_rows(ok)
+    if rows.empty:
+        return _empty(title, "no val/acc_precise_bn/<n> metrics (bn.precise_sizes) logged", notes)
+    rows = rows.assign(**{"final/val/acc_precise_bn": rows["acc"]})
+    fig, axes = _new(1, width=6.5, height=4.2)
+    ax = axes[0, 0]
+    agg = aggregate(rows, ["samples"], "final/val/acc_precise_bn")
+    _band(ax, agg["samples"], agg["mean"], _ci(agg), "precise BN (val/acc)", "tab:green", marker="D")
+    _seed_lines(ax, rows, "samples", "acc", "tab:green")
+    xs = sorted(rows["samples"].unique())
+    for col, label, color, ls in ((FINAL + "val/acc", "EMA running statistics (momentum 0.1)", "tab:red", "-"),
+                                  (FINAL + "val/acc_batch_stats", "batch statistics", "tab:blue", ":")):
+        if col in ok and ok[col].notna().any():
+            m, lo, hi, _ = interval(ok[col], col)
+            ax.axhline(m, color=color, ls=ls, lw=1.2, label=label)
+            if np.isfinite(lo):
+                ax.axhspan(lo, hi, color=color, alpha=0.12, lw=0)
+    ax.axvspan(1e3, 1e4, color="0.85", zorder=0, label="Wu & Johnson 2021: 10^3-10^4 suffice")
+    _log_ticks(ax, xs)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    ax.set_xlabel("calibration samples (training examples, log)")
+    ax.set_ylabel("final val/acc")
+    lo = float(np.nanmin(agg["lo"])) if agg["lo"].notna().any() else float(agg["mean"].min())
+    ax.set_ylim(max(0.0, min(lo, agg["mean"].min()) - 0.03), min(1.0, float(agg["mean"].max()) + 0.04))
+    notes.append(f"n={int(agg['n'].max())} seeds; every size on the same weights, a fresh draw of batches of "
+                 f"{int(ok['data.batch_size'].iloc[0]) if 'data.batch_size' in ok else '?'}")
+    return _finish(fig, title, notes)
+
+
+def norm_batch_size(runs: pd.DataFrame) -> pd.Series:
+    """The normalisation batch of each run: bn.ghost_batch_size, or the SGD batch where null."""
+    g = runs["bn.ghost_batch_size"] if "bn.ghost_batch_size" in runs else pd.Series(np.nan, index=runs.index)
+    return pd.to_numeric(g, errors="coerce").astype(float).fillna(runs["data.batch_size"].astype(float))
+
+
+def _frozen(runs: pd.DataFrame) -> pd.Series:
+    f = runs["bn.freeze_at"] if "bn.freeze_at" in runs else pd.Series(np.nan, index=runs.index)
+    return pd.to_numeric(f, errors="coerce").notna()
+
+
+def fig_norm_batch(runs: pd.DataFrame) -> Figure:
+    """Normalisation (ghost) batch size at a fixed SGD batch (log2 axis), Wu & Johnson's three
+    curves: train/acc with mini-batch statistics, val/acc with mini-batch statistics (per ghost
+    batch) and with population statistics (precise BN; EMA dotted). Right: FrozenBN (the last
+    epoch with frozen population statistics) against ordinary BN, both with population statistics."""
+    title = "Normalisation batch size: train-test inconsistency at small batches, and FrozenBN"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "marked x at chance")
+    if ok.empty or "data.batch_size" not in ok:
+        return _empty(title, "no finished runs", notes)
+    ok = ok.assign(_norm=norm_batch_size(ok), _frozen=_frozen(ok))
+    plain, frozen = ok[~ok["_frozen"]], ok[ok["_frozen"]]
+    fig, axes = _new(2 if not frozen.empty else 1, sharey=True)
+    ax = axes[0, 0]
+    series = [(plain, FINAL + "train/acc", "train/acc, mini-batch statistics", "black", "s", "--"),
+              (plain, FINAL + "val/acc_batch_stats", "val/acc, mini-batch statistics", "tab:blue", "^", ":"),
+              (plain, FINAL + "val/acc_precise_bn", "val/acc, population statistics (precise BN)", "tab:green", "D", "-"),
+              (plain, FINAL + "val/acc", "val/acc, EMA running statistics", "tab:red", "o", "-")]
+    for frame, col, label, color, marker, ls in series:
+        if frame.empty or col not in frame or frame[col].notna().sum() == 0:
+            continue
+        agg = aggregate(frame, ["_norm"], col)
+        _band(ax, agg["_norm"], agg["mean"], _ci(agg), label, color, marker, ls)
+        _seed_lines(ax, frame, "_norm", col, color)
+    ax.set_title("ordinary BN (mini-batch statistics in training)", fontsize=9)
+    if not frozen.empty:
+        ax1 = axes[0, 1]
+        for frame, col, label, color, marker, ls in (
+                (frozen, FINAL + "val/acc", "FrozenBN: val/acc, population statistics", "tab:purple", "v", "-"),
+                (frozen, FINAL + "train/acc", "FrozenBN: train/acc (last epoch frozen)", "tab:gray", "s", "--"),
+                (plain, FINAL + "val/acc_precise_bn", "ordinary BN: val/acc, population statistics (precise BN)",
+                 "tab:green", "D", "-")):
+            if col in frame and frame[col].notna().any():
+                agg = aggregate(frame, ["_norm"], col)
+                _band(ax1, agg["_norm"], agg["mean"], _ci(agg), label, color, marker, ls)
+                _seed_lines(ax1, frame, "_norm", col, color)
+        ep = int(pd.to_numeric(frozen["bn.freeze_at"]).iloc[0])
+        ax1.set_title(f"FrozenBN from epoch {ep} (bn.freeze_at={ep})", fontsize=9)
+    sizes = sorted(ok["_norm"].unique())
+    for a in axes[0]:
+        _chance(a)
+        _log_ticks(a, sizes, base=2)
+        a.set_xlabel(f"normalisation batch (ghost batch; SGD batch {int(ok['data.batch_size'].iloc[0])}, log2)")
+        a.set_ylim(0, 1.02)
+    ax.set_ylabel("final accuracy")
+    return _finish(fig, title, notes)
+
+
+def fig_gamma_beta(runs: pd.DataFrame) -> Figure:
+    """Learned gamma and beta (bn.affine=true) against fixed gamma=1, beta=0, per activation:
+    final val/acc (bars, 95% interval, n) and final train/acc (black marks); seeds as dots."""
+    title = "Learned vs fixed gamma and beta, sigmoid and ReLU"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "left out of the means")
+    if ok.empty or "bn.affine" not in ok or "model.activation" not in ok:
+        return _empty(title, "no finished runs", notes)
+    acts = sorted(ok["model.activation"].unique())
+    fig, axes = _new(len(acts), width=3.6, height=4.0, sharey=True)
+    for ax, act in zip(axes[0], acts):
+        for k, (aff, color) in enumerate(((True, "tab:blue"), (False, "tab:orange"))):
+            s = ok[(ok["model.activation"] == act) & (ok["bn.affine"] == aff)]
+            if s.empty:
+                continue
+            m, lo, hi, n = interval(s[FINAL + "val/acc"], FINAL + "val/acc")
+            err = [[m - lo], [hi - m]] if np.isfinite(lo) else None
+            label = "learned gamma, beta (bn.affine=true)" if aff else "fixed gamma=1, beta=0 (bn.affine=false)"
+            ax.bar(k, m, color=color, yerr=err, capsize=4, alpha=0.8, label=label)
+            ax.plot([k] * n, s[FINAL + "val/acc"], "o", color="k", ms=3, alpha=0.6, label="_seed")
+            if FINAL + "train/acc" in s:
+                tm = float(s[FINAL + "train/acc"].mean())
+                ax.plot([k - 0.35, k + 0.35], [tm, tm], color="k", lw=2, label="mean final train/acc")
+            txt = f"{m:.3f}" + (f"\n[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "") + f"\nn={n}"
+            ax.text(k, m / 2, txt, ha="center", va="center", fontsize=7, color="white")
+        ax.set_xticks([0, 1], ["learned", "fixed"])
+        ax.set_title(f"model.activation={act}", fontsize=9)
+        ax.set_ylim(0, 1.02)
+        _chance(ax)
+    axes[0, 0].set_ylabel("final val/acc (bars) and train/acc (black)")
+    return _finish(fig, title, notes)
+
+
+def fig_d2l_spread(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
+    """Seed 004's two numbers against bnlab's spread: final val/acc of every seed with running
+    (EMA), precise and batch statistics (left), and val/acc per epoch of every seed with running
+    and precise statistics (right): how far one run's last-epoch number moves."""
+    title = "Dive into Deep Learning 7.5: seed 004's 0.878 and 0.796 against the spread over seeds and epochs"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "not averaged")
+    if ok.empty or FINAL + "val/acc" not in ok:
+        return _empty(title, "no finished runs", notes)
+    fig, axes = _new(2, width=5.0, height=4.2, sharey=True)
+    ax, ax1 = axes[0]
+    cols = [(FINAL + "val/acc", "running (EMA) statistics", "tab:red"),
+            (FINAL + "val/acc_precise_bn", "precise BN", "tab:green"),
+            (FINAL + "val/acc_batch_stats", "batch statistics", "tab:blue")]
+    rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
+    for k, (col, label, color) in enumerate(cols):
+        if col not in ok:
+            continue
+        v = ok[col].dropna().to_numpy(float)
+        ax.plot(k + rng.uniform(-0.12, 0.12, len(v)), v, "o", color=color, ms=5, alpha=0.8, label=f"final val/acc, {label}")
+        m, lo, hi, n = interval(ok[col], col)
+        ax.errorbar([k + 0.3], [m], yerr=[[m - lo], [hi - m]] if np.isfinite(lo) else None, fmt="_", color="k",
+                    capsize=4, ms=12, label="_mean")
+    for (name, v), ls in zip(D2L_REPORTED.items(), ("--", "-.")):
+        for a in (ax, ax1):
+            a.axhline(v, color="0.3", ls=ls, lw=1, label=f"{name}: test acc {v}")
+    ax.set_xticks(range(len(cols)), ["running", "precise", "batch"])
+    ax.set_title(f"final epoch, n={len(ok)} seeds (dot = seed; bar = mean, 95% CI)", fontsize=9)
+    ax.set_ylabel("val/acc")
+    okc = _usable_curves(curves)
+    for metric, color in (("val/acc", "tab:red"), ("val/acc_precise_bn", "tab:green")):
+        sub = okc[okc["metric"] == metric] if not okc.empty else okc
+        for rid, g in sub.groupby("run_id"):
+            g = g.sort_values("step")
+            ax1.plot(g["step"], g["value"], color=color, lw=0.7, alpha=0.6, label=f"_{metric}")
+    ax1.plot([], [], color="tab:red", lw=0.7, label="val/acc per epoch, running statistics (one line per seed)")
+    ax1.plot([], [], color="tab:green", lw=0.7, label="val/acc per epoch, precise BN (one line per seed)")
+    _epoch_axis(ax1)
+    ax1.set_title("every seed, every epoch", fontsize=9)
+    lo = float(np.nanmin([ok[c].min() for c, _, _ in cols if c in ok]))
+    ax.set_ylim(max(0.0, min(lo, 0.79) - 0.03), 0.95)
+    return _finish(fig, title, notes)
