@@ -128,6 +128,15 @@ def interval(values, name: str = "") -> Tuple[float, float, float, int]:
     return m, lo, hi, n
 
 
+def _yerr(m: float, lo: float, hi: float):
+    """Error-bar lengths for matplotlib from an interval; None where there is none. The logit
+    interval is that of the mean logit, so a skewed sample's arithmetic mean can sit just outside
+    it: the bar then starts at the point (length 0 on that side)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None
+    return [[max(0.0, m - lo)], [max(0.0, hi - m)]]
+
+
 def _hashable(s: pd.Series) -> pd.Series:
     return s.map(lambda v: tuple(v) if isinstance(v, list) else v) if s.dtype == object else s
 
@@ -450,7 +459,7 @@ def _special_axis(ax, pts: pd.DataFrame, value: str, bsizes, colors, diverged: p
             if s.empty:
                 continue
             m, lo, hi, n = interval(s[value], value)
-            err = [[m - lo], [hi - m]] if np.isfinite(lo) else None
+            err = _yerr(m, lo, hi)
             ax.errorbar([x + (i - (len(bsizes) - 1) / 2) * 0.12], [m], yerr=err,
                         fmt="o", color=colors[i], ms=5, capsize=3, label=f"_special {b}")
     ax.set_xticks([x for x, _, _ in cats], [lab for _, lab, _ in cats], fontsize=7)
@@ -725,7 +734,7 @@ def fig_placement(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
             vals = ok.loc[(ok["model.activation"] == act) & (ok["bn.placement"] == pl), FINAL + "val/acc"]
             m, lo, hi, n = interval(vals, FINAL + "val/acc")
             if n:
-                err = [[m - lo], [hi - m]] if np.isfinite(lo) else None
+                err = _yerr(m, lo, hi)
                 bottom.bar(k, m, color=color, yerr=err, capsize=4, alpha=0.85)
                 label = f"{m:.3f}" + (f"\n[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "") + f"\nn={n}"
                 if m >= 0.3:  # inside a tall bar, above the error bar's top for a short one
@@ -1064,7 +1073,7 @@ def fig_gamma_beta(runs: pd.DataFrame) -> Figure:
             if s.empty:
                 continue
             m, lo, hi, n = interval(s[FINAL + "val/acc"], FINAL + "val/acc")
-            err = [[m - lo], [hi - m]] if np.isfinite(lo) else None
+            err = _yerr(m, lo, hi)
             label = "learned gamma, beta (bn.affine=true)" if aff else "fixed gamma=1, beta=0 (bn.affine=false)"
             ax.bar(k, m, color=color, yerr=err, capsize=4, alpha=0.8, label=label)
             ax.plot([k] * n, s[FINAL + "val/acc"], "o", color="k", ms=3, alpha=0.6, label="_seed")
@@ -1102,7 +1111,7 @@ def fig_d2l_spread(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
         v = ok[col].dropna().to_numpy(float)
         ax.plot(k + rng.uniform(-0.12, 0.12, len(v)), v, "o", color=color, ms=5, alpha=0.8, label=f"final val/acc, {label}")
         m, lo, hi, n = interval(ok[col], col)
-        ax.errorbar([k + 0.3], [m], yerr=[[m - lo], [hi - m]] if np.isfinite(lo) else None, fmt="_", color="k",
+        ax.errorbar([k + 0.3], [m], yerr=_yerr(m, lo, hi), fmt="_", color="k",
                     capsize=4, ms=12, label="_mean")
     for (name, v), ls in zip(D2L_REPORTED.items(), ("--", "-.")):
         for a in (ax, ax1):
