@@ -450,7 +450,8 @@ def report_study(study: str, uri: str, out: Path, log=print) -> Optional[Path]:
               f"- Reproduce: {reproduce_text(study)}",
               f"- Code: {commits_text(runs)}",
               f"- Store: `{store_text(uri)}`, report generated {time.strftime('%Y-%m-%d %H:%M %Z')}",
-              f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)", ""]
+              f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)",
+              "- Intervals: accuracies on the logit scale, other quantities mean ± t half-width (see the header)", ""]
     failed = 0
     for spec in figures_for(study):
         if not spec.needs(runs, curves):
@@ -486,7 +487,8 @@ def assemble(out: Path, studies_first: Sequence[str]) -> Path:
             f"interval and n the number of seeds (no interval for n = 1). Intervals: {F.CI_METHOD}. In the "
             f"figures, where a group has at most {F.SEED_LINES_MAX_N} seeds each seed is also drawn as a thin line. "
             "Each study section opens with a table: the claim and its source, what bnlab measured, and whether "
-            "they agree by the rule stated in the row. Runs that "
+            "they agree by the rule stated in the row (sections without an 'Intervals' line were written by an "
+            "earlier bnlab-report: mean ± the 95% t half-width for every quantity, and no claim table). Runs that "
             "failed, were killed or are still running are left out and counted; diverged runs are marked "
             "in the figures and not averaged. Each section gives the command that reproduces it and the "
             "git commit of its runs.", ""]
