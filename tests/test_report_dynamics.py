@@ -199,3 +199,28 @@ def test_report_sections_open_with_the_claim_table(store, tmp_path):
     # the store inside the project home is shown relative to it: no machine path in REPORT.md
     assert "Store: `sqlite:///runs/mlflow.db (in the project)`" in md
     assert os.environ["BNLAB_HOME"] not in md
+
+
+def _frame(rows):
+    base = {"status": "FINISHED", "diverged": False}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_update_ops_placement_and_momentum_claims_follow_their_rules():
+    rows = [{"seed": s, "bn.update_stats": u, "final/train/acc": 0.85, "final/val/acc": 0.84 if u else 0.12,
+             "final/val/acc_precise_bn": 0.845, "final/val/acc_batch_stats_bs1": 0.1} for s in range(3) for u in (True, False)]
+    got = C.claims_update_ops(_frame(rows), pd.DataFrame())
+    assert [c.agrees.split()[0] for c in got] == ["yes", "yes", "yes"]
+    rows[1]["final/val/acc"] = 0.7  # one seed without update ops still validates well: the mean 0.31 > 0.3
+    assert C.claims_update_ops(_frame(rows), pd.DataFrame())[0].agrees.startswith("no")
+    rows = [{"seed": s, "model.activation": "relu", "bn.placement": p, "final/val/acc": v + 0.01 * s}
+            for s in range(3) for p, v in (("before_act", 0.85), ("after_act", 0.85), ("none", 0.6))]
+    before_none, before_after = C.claims_placement(_frame(rows), pd.DataFrame())
+    assert before_none.agrees.startswith("yes") and "+0.250" in before_none.measured
+    assert before_after.agrees.startswith("no") and "no measurable difference" in before_after.agrees  # CI [0, 0]
+    rows = [{"seed": s, "bn.momentum": 0.1, "data.batch_size": 256, "train.epochs": 1, "data.train_subset": None,
+             "final/train/acc": 0.8, "final/val/acc": 0.78, "final/gap/acc": 0.02,
+             "final/val/acc_shadow/0.001": 0.2 + 0.01 * s, "final/val/acc_shadow/1": 0.7 + 0.01 * s} for s in range(3)]
+    got = C.claims_momentum(_frame(rows), pd.DataFrame())
+    assert len(got) == 2 and all(c.agrees.startswith("yes") for c in got)
+    assert "234 steps" in got[0].measured and "0.23" in got[0].measured

@@ -241,8 +241,9 @@ def claims_momentum(runs, curves) -> List[Claim]:
 
     out = []
     if len(at(0.001)) and len(at(0.1)):
-        steps = int(ok.loc[ok["data.batch_size"] == bs, "train.epochs"].iloc[0]) * (60000 // int(bs)) \
-            if "train.epochs" in ok else None
+        n_train = ok["data.train_subset"].dropna().iloc[0] if "data.train_subset" in ok and \
+            ok["data.train_subset"].notna().any() else 60000
+        steps = int(ok.loc[ok["data.batch_size"] == bs, "train.epochs"].iloc[0]) * (int(n_train) // int(bs))
         d = (at(0.1) - at(0.001)).dropna()
         gd = (at(0.001, FINAL + "gap/acc") - at(0.1, FINAL + "gap/acc")).dropna()
         out.append(Claim("Good training but poor validation? Lower the decay to about 0.9 (momentum 0.1): a decay "
@@ -260,9 +261,65 @@ def claims_momentum(runs, curves) -> List[Claim]:
     return out
 
 
+def claims_update_ops(runs, curves) -> List[Claim]:
+    ok = _ok(runs)
+    if ok.empty or "bn.update_stats" not in ok:
+        return []
+    off, on = ok[ok["bn.update_stats"] == False], ok[ok["bn.update_stats"] == True]  # noqa: E712
+    out = []
+    if not off.empty:
+        tr, va = off[FINAL + "train/acc"], off[FINAL + "val/acc"]
+        out.append(Claim("Without TensorFlow's update ops the model trains well but fails in eval mode: 'good "
+                         "training, bad validation' (seed 000)",
+                         f"bn.update_stats=false: train/acc {acc(tr, FINAL + 'train/acc')}, eval-mode val/acc {acc(va)}",
+                         verdict(bool(tr.mean() >= 0.6 and va.mean() <= 0.3), "train/acc >= 0.6 and val/acc <= 0.3")))
+        if FINAL + "val/acc_precise_bn" in off and not on.empty:
+            p = off[FINAL + "val/acc_precise_bn"]
+            out.append(Claim("Recomputing the population statistics after training repairs it ('BN: the untold "
+                             "story', seed 003)",
+                             f"bn.update_stats=false with precise BN {acc(p, FINAL + 'val/acc_precise_bn')} against "
+                             f"ordinary BN's eval-mode val/acc {acc(on[FINAL + 'val/acc'])}",
+                             verdict(bool(p.mean() >= on[FINAL + "val/acc"].mean() - 0.02),
+                                     "within 0.02 of ordinary BN or above")))
+    col = FINAL + "val/acc_batch_stats_bs1"
+    if col in ok and ok[col].notna().any():
+        out.append(Claim("Testing one example at a time in training mode outputs beta from every BN and destroys test "
+                         "accuracy (seed 000)",
+                         f"val/acc with batch statistics of one example {acc(ok[col], col)} (chance {F.CHANCE:g})",
+                         verdict(bool(ok[col].mean() <= 2 * F.CHANCE), "mean at most twice chance")))
+    return out
+
+
+def claims_placement(runs, curves) -> List[Claim]:
+    ok = _ok(runs)
+    if ok.empty or "bn.placement" not in ok:
+        return []
+    out = []
+    for act in sorted(ok["model.activation"].unique()):
+        g = ok[ok["model.activation"] == act]
+        before, after, none = (g[g["bn.placement"] == p] for p in ("before_act", "after_act", "none"))
+        if not before.empty and not none.empty:
+            d = _paired(before, none, FINAL + "val/acc", FINAL + "val/acc")
+            out.append(Claim(f"{act}: BN improves training of LeNet at the same settings (seed 004, d2l 7.5; "
+                             "Ioffe & Szegedy)",
+                             f"val/acc BN before the activation {acc(before[FINAL + 'val/acc'])}, no BN "
+                             f"{acc(none[FINAL + 'val/acc'])}; paired {diff_text(d)}",
+                             verdict(bool(np.isfinite(diff(d)[1]) and diff(d)[1] > 0), "95% CI of the paired gain above 0")))
+        if not before.empty and not after.empty:
+            d = _paired(before, after, FINAL + "val/acc", FINAL + "val/acc")
+            m, lo, hi, n = diff(d)
+            out.append(Claim(f"{act}: BN belongs before the non-linearity (Ioffe & Szegedy 2015; d2l 7.5)",
+                             f"val/acc before {acc(before[FINAL + 'val/acc'])}, after {acc(after[FINAL + 'val/acc'])}; "
+                             f"before − after {diff_text(d)}",
+                             verdict(bool(np.isfinite(lo) and lo > 0), "95% CI of before − after above 0")
+                             + ("; the CI includes 0: no measurable difference" if np.isfinite(lo) and lo <= 0 <= hi else "")))
+    return out
+
+
 CLAIMS: Dict[str, Callable[[pd.DataFrame, pd.DataFrame], List[Claim]]] = {
     "d2l": claims_d2l, "ema_vs_precise": claims_ema_vs_precise, "precise_samples": claims_precise_samples,
     "norm_batch": claims_norm_batch, "gamma_beta": claims_gamma_beta, "momentum": claims_momentum,
+    "update_ops": claims_update_ops, "placement": claims_placement,
 }
 
 
