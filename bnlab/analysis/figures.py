@@ -1030,7 +1030,7 @@ def fig_norm_batch(runs: pd.DataFrame) -> Figure:
     curves: train/acc with mini-batch statistics, val/acc with mini-batch statistics (per ghost
     batch) and with population statistics (precise BN; EMA dotted). Right: FrozenBN (the last
     epoch with frozen population statistics) against ordinary BN, both with population statistics."""
-    title = "Normalisation batch size: train-test inconsistency at small batches, and FrozenBN"
+    title = "Normalisation batch size: mini-batch vs population statistics, and FrozenBN"
     ok, _, _ = split_runs(runs)
     notes = _notes(runs, "marked x at chance")
     if ok.empty or "data.batch_size" not in ok:

@@ -249,8 +249,12 @@ def caption_norm_batch(runs, curves) -> str:
     ok = ok.assign(_norm=F.norm_batch_size(ok), _frozen=F._frozen(ok))
     parts = []
     for (nb, fr), g in ok.groupby(["_norm", "_frozen"]):
-        what = "FrozenBN" if fr else "BN"
-        parts.append(f"{what} at normalisation batch {nb:g}: train/acc {stat(_col(g, 'train/acc'))}, val/acc with "
+        if fr:  # a frozen model's val/acc uses the frozen population statistics it trained with
+            parts.append(f"FrozenBN at normalisation batch {nb:g}: train/acc (last epoch frozen) "
+                         f"{stat(_col(g, 'train/acc'))}, val/acc with the frozen statistics {stat(_col(g, 'val/acc'))}, "
+                         f"with mini-batch statistics {stat(_col(g, 'val/acc_batch_stats'))}")
+            continue
+        parts.append(f"BN at normalisation batch {nb:g}: train/acc {stat(_col(g, 'train/acc'))}, val/acc with "
                      f"mini-batch statistics {stat(_col(g, 'val/acc_batch_stats'))}, with population statistics "
                      f"{stat(_col(g, 'val/acc_precise_bn'))}, EMA {stat(_col(g, 'val/acc'))}")
     return "Final accuracies: " + "; ".join(parts) + "."
