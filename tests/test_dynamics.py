@@ -270,7 +270,7 @@ STUDY_SMOKE = {
                        {"step/val/acc", "step/val/acc_precise_bn", "step/val/acc_shadow/0.01", "step/lr"}),
     "precise_samples": (["train.epochs=1", "bn.precise_sizes=[16,64,100000]"], 1,
                         {"val/acc_precise_bn/16", "val/acc_precise_bn/100000"}),
-    "norm_batch": (["train.epochs=2", "bn.ghost_batch_size=4,null", "bn.freeze_at=null,2"], 4,
+    "norm_batch": (["train.epochs=2", "optim.milestones=[1]", "bn.ghost_batch_size=4,null", "bn.freeze_at=null,2"], 4,
                    {"val/acc_batch_stats", "val/acc_precise_bn", "train/acc"}),
     "gamma_beta": (["train.epochs=1", "model.activation=relu"], 2, {"val/acc", "train/acc"}),
 }
