@@ -224,3 +224,14 @@ def test_update_ops_placement_and_momentum_claims_follow_their_rules():
     got = C.claims_momentum(_frame(rows), pd.DataFrame())
     assert len(got) == 2 and all(c.agrees.startswith("yes") for c in got)
     assert "234 steps" in got[0].measured and "0.23" in got[0].measured
+
+
+def test_batch_size_claims_follow_their_rules():
+    rows = [{"seed": s, "data.batch_size": b, "bn.placement": p, "final/val/acc": (0.8 if p != "none" else 0.2) + 0.01 * s,
+             "final/val/acc_precise_bn": 0.81 + 0.01 * s if p != "none" else None,
+             "final/val/acc_batch_stats_bs1": 0.1 if p != "none" else None}
+            for s in range(3) for b in (4, 512) for p in ("before_act", "none")]
+    got = C.claims_batch_size(_frame(rows), pd.DataFrame())
+    assert [c.agrees.split()[0] for c in got] == ["yes", "yes", "yes"]
+    rows[0]["final/val/acc_precise_bn"] = 0.70  # one seed at batch 4: precise 0.1 below running -> mean -0.033
+    assert C.claims_batch_size(_frame(rows), pd.DataFrame())[1].agrees.startswith("no")

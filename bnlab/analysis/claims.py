@@ -316,10 +316,45 @@ def claims_placement(runs, curves) -> List[Claim]:
     return out
 
 
+def claims_batch_size(runs, curves) -> List[Claim]:
+    ok = _ok(runs)
+    if ok.empty or "bn.placement" not in ok:
+        return []
+    bn, plain = ok[ok["bn.placement"] != "none"], ok[ok["bn.placement"] == "none"]
+    out = []
+    col = FINAL + "val/acc_batch_stats_bs1"
+    if col in bn and bn[col].notna().any():
+        out.append(Claim("Testing one example at a time in training mode outputs beta from every BN: chance accuracy "
+                         "whatever the training batch size (seed 000)",
+                         f"val/acc with batch statistics of one example {acc(bn[col], col)} over every BN run "
+                         f"(chance {F.CHANCE:g})",
+                         verdict(bool(bn[col].mean() <= 2 * F.CHANCE), "mean at most twice chance")))
+    if FINAL + "val/acc_precise_bn" in bn:
+        per = {b: _paired(g, g, FINAL + "val/acc_precise_bn", FINAL + "val/acc")
+               for b, g in bn.groupby("data.batch_size")}
+        worst = min(per, key=lambda b: diff(per[b])[0])
+        out.append(Claim("Precise BN is at least as good as the EMA running statistics (Wu & Johnson 2021, sec. 3)",
+                         "precise − running per seed, by batch size: "
+                         + ", ".join(f"{b:g}: {diff(d)[0]:+.3f}" for b, d in per.items())
+                         + f"; lowest at batch {worst:g}: {diff_text(per[worst])}",
+                         verdict(bool(all(diff(d)[0] >= -0.005 for d in per.values())),
+                                 "mean difference >= -0.005 at every batch size")))
+    if not plain.empty:
+        big = ok["data.batch_size"].max()
+        a, b = bn[bn["data.batch_size"] == big], plain[plain["data.batch_size"] == big]
+        d = _paired(a, b, FINAL + "val/acc", FINAL + "val/acc")
+        out.append(Claim("BN lets a network train at settings where the plain one does not (seed 004, d2l 7.5; "
+                         "Ioffe & Szegedy)",
+                         f"batch {big:g} at the same lr and epochs: with BN {acc(a[FINAL + 'val/acc'])}, without "
+                         f"{acc(b[FINAL + 'val/acc'])}; paired {diff_text(d)}",
+                         verdict(bool(np.isfinite(diff(d)[1]) and diff(d)[1] > 0), "95% CI of the paired gain above 0")))
+    return out
+
+
 CLAIMS: Dict[str, Callable[[pd.DataFrame, pd.DataFrame], List[Claim]]] = {
     "d2l": claims_d2l, "ema_vs_precise": claims_ema_vs_precise, "precise_samples": claims_precise_samples,
     "norm_batch": claims_norm_batch, "gamma_beta": claims_gamma_beta, "momentum": claims_momentum,
-    "update_ops": claims_update_ops, "placement": claims_placement,
+    "update_ops": claims_update_ops, "placement": claims_placement, "batch_size": claims_batch_size,
 }
 
 
