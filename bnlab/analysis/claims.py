@@ -351,10 +351,34 @@ def claims_batch_size(runs, curves) -> List[Claim]:
     return out
 
 
+def claims_lr(runs, curves) -> List[Claim]:
+    fin = runs[runs["status"].eq("FINISHED")] if not runs.empty else runs
+    if fin.empty or "optim.lr" not in fin:
+        return []
+    regions = F.convergence_regions(fin)
+
+    def top(pl):
+        spans = regions.get(pl, [])
+        return max((hi for _, hi in spans), default=float("nan"))
+
+    def text(pl):
+        spans = regions.get(pl, [])
+        return " and ".join(f"[{lo:g}, {hi:g}]" for lo, hi in spans) or "none"
+
+    bn, none = top("before_act"), top("none")
+    return [Claim("BN allows much larger learning rates: a wider region of convergence (Ioffe & Szegedy; d2l 7.5 "
+                  "exercise 2, seed 004)",
+                  f"learning rates where every seed learns (finite loss, train/acc >= {F.LEARNED:g}): with BN "
+                  f"{text('before_act')}, without {text('none')}",
+                  verdict(bool(np.isfinite(bn) and (not np.isfinite(none) or bn > none)),
+                          "the largest such rate is larger with BN"))]
+
+
 CLAIMS: Dict[str, Callable[[pd.DataFrame, pd.DataFrame], List[Claim]]] = {
     "d2l": claims_d2l, "ema_vs_precise": claims_ema_vs_precise, "precise_samples": claims_precise_samples,
     "norm_batch": claims_norm_batch, "gamma_beta": claims_gamma_beta, "momentum": claims_momentum,
     "update_ops": claims_update_ops, "placement": claims_placement, "batch_size": claims_batch_size,
+    "lr": claims_lr,
 }
 
 
