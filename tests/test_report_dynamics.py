@@ -235,3 +235,13 @@ def test_batch_size_claims_follow_their_rules():
     assert [c.agrees.split()[0] for c in got] == ["yes", "yes", "yes"]
     rows[0]["final/val/acc_precise_bn"] = 0.70  # one seed at batch 4: precise 0.1 below running -> mean -0.033
     assert C.claims_batch_size(_frame(rows), pd.DataFrame())[1].agrees.startswith("no")
+
+
+def test_lr_claim_compares_the_regions_of_convergence():
+    def rows(none_learns_at_1):
+        return _frame([{"seed": s, "optim.lr": lr, "bn.placement": p,
+                        "final/train/acc": 0.1 if (p == "none" and lr == 1.0 and not none_learns_at_1) else 0.8}
+                       for s in range(2) for lr in (0.1, 1.0) for p in ("before_act", "none")])
+    got = C.claims_lr(rows(False), pd.DataFrame())[0]
+    assert got.agrees.startswith("yes") and "without [0.1, 0.1]" in got.measured
+    assert C.claims_lr(rows(True), pd.DataFrame())[0].agrees.startswith("no")  # same region: not wider
