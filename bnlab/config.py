@@ -40,6 +40,11 @@ class Activation(str, Enum):
     relu = "relu"
 
 
+class Pool(str, Enum):
+    avg = "avg"  # average pooling (Dive into Deep Learning 7.5, PyTorch edition)
+    max = "max"  # max pooling (the MXNet edition of the book, seed 004)
+
+
 class Placement(str, Enum):
     before_act = "before_act"  # conv/linear -> BN -> activation (Ioffe & Szegedy; d2l 7.5)
     after_act = "after_act"  # conv/linear -> activation -> BN
@@ -59,6 +64,12 @@ class Track(str, Enum):
 class Impl(str, Enum):
     native = "native"  # torch.nn.functional.batch_norm where the variant allows
     scratch = "scratch"  # plain tensor ops, as Dive into Deep Learning writes it
+
+
+class Schedule(str, Enum):
+    constant = "constant"  # optim.lr throughout (after the warm-up, if any)
+    step = "step"  # optim.lr x optim.gamma ** (number of optim.milestones passed)
+    cosine = "cosine"  # half a cosine from optim.lr (end of warm-up) to 0 (end of training)
 
 
 class Device(str, Enum):
@@ -124,6 +135,9 @@ class ModelConfig:
     # Architecture (registry in bnlab/models.py): LeNet-5 as in Dive into Deep Learning 7.5 (avg
     # pooling), a 2-hidden-layer MLP, ResNet-20 for 32x32 images, or custom (model.target).
     name: ModelName = ModelName.lenet
+    # LeNet only: the 2x2 pooling after each convolution block, avg (the book's PyTorch edition)
+    # or max (its MXNet edition, the network of seed 004).
+    pool: Pool = Pool.avg
     # Non-linearity after every hidden layer.
     activation: Activation = Activation.sigmoid
     # MLP only: widths of the hidden layers.
@@ -174,6 +188,19 @@ class BNConfig:
     # each shadow average to the population statistics, bnstats/{mean,var}_err_shadow/<momentum>).
     # Training itself is unchanged.
     shadow_momenta: List[float] = field(default_factory=list)
+    # Precise BN with each of these calibration sizes (examples, each >= 2), at the last epoch
+    # only: val/acc_precise_bn/<n>, one fresh draw of training batches per size. [] = none.
+    precise_sizes: List[int] = field(default_factory=list)
+    # Ghost batch normalisation (Hoffer et al. 2017): BN statistics over consecutive sub-batches of
+    # this many examples inside each SGD batch (which is unchanged); must divide data.batch_size.
+    # The running averages take one update per ghost batch; val/acc_batch_stats normalises
+    # validation batches per ghost batch too; precise BN and running statistics ignore it.
+    # null = the whole SGD batch.
+    ghost_batch_size: Optional[int] = None
+    # FrozenBN (Wu & Johnson 2021): from the start of this epoch (1-based) on, every BN normalises
+    # with fixed population statistics, recomputed once by precise BN (bn.precise_samples
+    # examples) at that point, in training too; running statistics stop changing. null = never.
+    freeze_at: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.decay is not None:
@@ -197,6 +224,12 @@ class BNConfig:
         for m in self.shadow_momenta:
             if not 0.0 <= m <= 1.0:
                 _fail("bn.shadow_momenta", "a list of values in [0, 1]", list(self.shadow_momenta))
+        if any(n < 2 for n in self.precise_sizes):
+            _fail("bn.precise_sizes", "a list of sample counts >= 2", list(self.precise_sizes))
+        if self.ghost_batch_size is not None and self.ghost_batch_size < 2:
+            _fail("bn.ghost_batch_size", ">= 2 or null", self.ghost_batch_size)
+        if self.freeze_at is not None and self.freeze_at < 1:
+            _fail("bn.freeze_at", "an epoch >= 1 or null", self.freeze_at)
 
     @property
     def enabled(self) -> bool:
@@ -211,6 +244,17 @@ class OptimConfig:
     momentum: float = 0.0
     # L2 penalty coefficient.
     weight_decay: float = 0.0
+    # Learning-rate schedule, set before every SGD step from t = steps done / steps per epoch
+    # (epochs, fractional): constant, step or cosine (see Schedule); logged as train/lr, step/lr.
+    schedule: Schedule = Schedule.constant
+    # Linear warm-up over this many epochs (fractional allowed): lr x (steps done + 1) / warm-up
+    # steps, then the schedule. 0 = none.
+    warmup_epochs: float = 0.0
+    # step schedule: epochs (increasing, >= 1) after which the rate is multiplied by gamma
+    # (milestone 5 = from the first step of the 6th epoch on).
+    milestones: List[int] = field(default_factory=list)
+    # step schedule: the factor applied at each milestone, in (0, 1].
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -219,6 +263,13 @@ class OptimConfig:
             _fail("optim.momentum", "in [0, 1)", self.momentum)
         if self.weight_decay < 0:
             _fail("optim.weight_decay", ">= 0", self.weight_decay)
+        if not self.warmup_epochs >= 0:
+            _fail("optim.warmup_epochs", ">= 0", self.warmup_epochs)
+        ms = list(self.milestones)
+        if any(m < 1 for m in ms) or ms != sorted(set(ms)):
+            _fail("optim.milestones", "strictly increasing epochs >= 1", ms)
+        if not 0.0 < self.gamma <= 1.0:
+            _fail("optim.gamma", "in (0, 1]", self.gamma)
 
 
 # Divergence rule (train.py stops and tags a run, the report leaves it out of the means like a NaN
@@ -252,6 +303,13 @@ class TrainConfig:
     # CUDA only (ignored on CPU): capture the whole training step (forward, backward, SGD update)
     # as one CUDA graph after 3 eager warm-up steps; needs fixed BN momenta (no null).
     cuda_graphs: bool = False
+    # Step-level evaluation every this many SGD steps (0 = none, only the per-epoch one): val/acc
+    # with running, batch and precise statistics (and shadows) logged under step/<metric> with
+    # MLflow step = global SGD step (epoch metrics keep step = epoch and no prefix), plus step/lr.
+    eval_every: int = 0
+    # Step-level evaluation on this many validation examples (a fixed random subset, seed
+    # data.subset_seed) to keep it cheap; null = the whole validation set.
+    eval_subset: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -260,6 +318,10 @@ class TrainConfig:
             _fail("train.threads", ">= 1 or null", self.threads)
         if self.bs1_samples < 0:
             _fail("train.bs1_samples", ">= 0", self.bs1_samples)
+        if self.eval_every < 0:
+            _fail("train.eval_every", ">= 0 (steps; 0 = once per epoch only)", self.eval_every)
+        if self.eval_subset is not None and self.eval_subset < 1:
+            _fail("train.eval_subset", ">= 1 or null", self.eval_subset)
 
 
 @dataclass
@@ -304,6 +366,23 @@ class Config:
         if self.model.name == ModelName.custom and self.bn.placement != Placement.before_act:
             _fail("bn.placement", "before_act with model=custom (its own code places BN; "
                   "bnlab converts its BN layers)", self.bn.placement.value)
+        g = self.bn.ghost_batch_size
+        if g is not None and self.data.batch_size % g:
+            _fail("bn.ghost_batch_size", f"a divisor of data.batch_size={self.data.batch_size} (>= 2) or null", g)
+        if self.bn.freeze_at is not None:
+            if self.bn.freeze_at > self.train.epochs:
+                _fail("bn.freeze_at", f"an epoch in [1, train.epochs={self.train.epochs}] or null", self.bn.freeze_at)
+            if self.bn.precise_samples < 2:
+                _fail("bn.precise_samples", ">= 2 when bn.freeze_at is set (FrozenBN recomputes the statistics)",
+                      self.bn.precise_samples)
+        if self.optim.warmup_epochs >= self.train.epochs:
+            _fail("optim.warmup_epochs", f"< train.epochs={self.train.epochs}", self.optim.warmup_epochs)
+        if any(m >= self.train.epochs for m in self.optim.milestones):
+            _fail("optim.milestones", f"epochs < train.epochs={self.train.epochs}", list(self.optim.milestones))
+        if self.train.cuda_graphs and (self.optim.schedule != Schedule.constant or self.optim.warmup_epochs
+                                       or self.bn.freeze_at is not None):
+            raise ConfigError("train.cuda_graphs needs optim.schedule=constant, no optim.warmup_epochs and "
+                              "bn.freeze_at=null (a captured step keeps its learning rate and BN mode)")
 
 
 def to_plain(cfg: Config) -> dict:
@@ -333,16 +412,26 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Later fields and the value each takes when it changes nothing (see config_hash).
+_AS_BEFORE = {
+    ("data", "path"): None, ("data", "synthetic_shape"): None, ("model", "target"): None, ("model", "kwargs"): {},
+    ("model", "pool"): "avg", ("bn", "precise_sizes"): [], ("bn", "ghost_batch_size"): None, ("bn", "freeze_at"): None,
+    ("optim", "schedule"): "constant", ("optim", "warmup_epochs"): 0.0, ("optim", "milestones"): [],
+    ("optim", "gamma"): 0.1, ("train", "eval_every"): 0, ("train", "eval_subset"): None,
+}
+
+
 def config_hash(cfg: Config) -> str:
     """A stable hash of everything that changes a run's result (tracking settings excluded)."""
     plain = to_plain(cfg)
     plain.pop("tracking")
     plain["train"].pop("progress")
     plain["train"].pop("threads")  # changes speed, not results
-    # Fields added for other models and datasets count only when set, so runs logged before they
-    # existed keep their hash (and a relaunched study still skips them).
-    for group, key in (("data", "path"), ("data", "synthetic_shape"), ("model", "target"), ("model", "kwargs")):
-        if plain[group].get(key) in (None, {}, []):
+    # Fields added after runs were first stored count only when they differ from the value that
+    # means "as before", so those runs keep their hash (a relaunched study still skips them and the
+    # report still counts each config once).
+    for (group, key), before in _AS_BEFORE.items():
+        if plain[group].get(key, before) == before:
             plain[group].pop(key, None)
     blob = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

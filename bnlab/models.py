@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bnlab import bn as bnm
-from bnlab.config import Activation, BNConfig, ConfigError, ModelConfig, Placement
+from bnlab.config import Activation, BNConfig, ConfigError, ModelConfig, Placement, Pool
 
 
 def _activation(name: Activation) -> nn.Module:
@@ -25,7 +25,7 @@ def make_bn(num_features: int, dims: int, cfg: BNConfig) -> nn.Module:
     return cls(num_features, momentum=cfg.momentum, eps=cfg.eps, affine=cfg.affine,
                running_var=cfg.running_var.value, track=cfg.track.value,
                update_stats=cfg.update_stats, impl=cfg.impl.value,
-               shadow_momenta=tuple(cfg.shadow_momenta))
+               shadow_momenta=tuple(cfg.shadow_momenta), ghost_batch_size=cfg.ghost_batch_size)
 
 
 def block(layer: nn.Module, num_features: int, dims: int, activation: Activation,
@@ -40,12 +40,14 @@ def block(layer: nn.Module, num_features: int, dims: int, activation: Activation
 
 
 def lenet(m: ModelConfig, b: BNConfig) -> nn.Module:
-    """LeNet-5 with BN as in Dive into Deep Learning 7.5: 28x28 input, no padding, average pooling."""
+    """LeNet-5 with BN as in Dive into Deep Learning 7.5: 28x28 input, no padding, 2x2 pooling
+    (model.pool: average as in the PyTorch edition, max as in the MXNet edition)."""
+    pool = nn.MaxPool2d if m.pool == Pool.max else nn.AvgPool2d
     return nn.Sequential(
         *block(nn.Conv2d(1, 6, kernel_size=5), 6, 2, m.activation, b),
-        nn.AvgPool2d(kernel_size=2, stride=2),
+        pool(kernel_size=2, stride=2),
         *block(nn.Conv2d(6, 16, kernel_size=5), 16, 2, m.activation, b),
-        nn.AvgPool2d(kernel_size=2, stride=2),
+        pool(kernel_size=2, stride=2),
         nn.Flatten(),
         *block(nn.Linear(16 * 4 * 4, 120), 120, 1, m.activation, b),
         *block(nn.Linear(120, 84), 84, 1, m.activation, b),

@@ -1,6 +1,6 @@
-"""train(cfg, tracker) -> final metrics: one run, its per-epoch evaluations, logged through the
-tracker it is given. Knows nothing of Hydra or MLflow. The training loop (setup, TrainStep,
-train_epoch) is public so that benchmarks time exactly the code a run executes."""
+"""train(cfg, tracker) -> final metrics: one run, its per-epoch (and optional per-step) evaluations,
+logged through the tracker it is given. Knows nothing of Hydra or MLflow. The training loop (setup,
+TrainStep, train_epoch) is public so that benchmarks time exactly the code a run executes."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from bnlab.config import DIVERGED_LOSS, Config, ConfigError, Device, config_hash
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.load import model_artifact
 from bnlab.models import build_model, natural_shape
+from bnlab.schedule import lr_at
 from bnlab.tracking import TAG, BackgroundTracker, NullTracker, StoreError
 
 log = logging.getLogger("bnlab")
@@ -32,6 +33,17 @@ def resolve_device(d: Device) -> torch.device:
     if d == Device.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(d.value)
+
+
+# Step-level metrics (train.eval_every) carry this prefix and MLflow step = global SGD step;
+# epoch-level metrics have no prefix and MLflow step = epoch. One name, one meaning: step/val/acc is
+# val/acc measured after that many SGD steps (on train.eval_subset examples, if set).
+STEP_PREFIX = "step/"
+
+
+def precise_size_key(n: int) -> str:
+    """Metric name of precise BN with n calibration examples (bn.precise_sizes)."""
+    return f"val/acc_precise_bn/{n}"
 
 
 def shadow_key(m: float, metric: str = "val/acc") -> str:
@@ -103,23 +115,26 @@ def _precise_source(ds: Dataset, batch_size: int, gen: torch.Generator):
 
 
 def epoch_metrics(model: nn.Module, ds: Dataset, cfg: Config, gen: torch.Generator,
-                  final: bool) -> Dict[str, float]:
-    """Every evaluation of one epoch; the model's buffers and flags are unchanged afterwards."""
+                  final: bool, val: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Dict[str, float]:
+    """Every evaluation of one epoch; the model's buffers and flags are unchanged afterwards.
+    `val` (x, y) replaces the validation set (step-level evaluation on a subset); `gen` draws the
+    precise-BN batches. With `final`, also val/acc_batch_stats_bs1 and bn.precise_sizes."""
     bs, ebs = cfg.data.batch_size, cfg.data.eval_batch_size
+    x_val, y_val = val if val is not None else (ds.x_val, ds.y_val)
     # Passes with running statistics: the same result whatever the pieces (see CPU_EVAL_CHUNK).
-    chunk = CPU_EVAL_CHUNK if ds.x_val.device.type == "cpu" else None
+    chunk = CPU_EVAL_CHUNK if x_val.device.type == "cpu" else None
     m: Dict[str, float] = {}
-    ev = evaluate(model, ds.x_val, ds.y_val, ebs, chunk=chunk)
+    ev = evaluate(model, x_val, y_val, ebs, chunk=chunk)
     m["val/loss"], m["val/acc"] = ev["loss"], ev["acc"]
     if not cfg.bn.enabled:
         return m
     with bnm.batch_stats_eval(model):
         # Batches of the training size: the statistics a "test in training mode" user would get.
-        m["val/acc_batch_stats"] = evaluate(model, ds.x_val, ds.y_val, bs)["acc"]
+        m["val/acc_batch_stats"] = evaluate(model, x_val, y_val, bs)["acc"]
     if cfg.bn.precise_samples > 0:
         n = min(cfg.bn.precise_samples, len(ds.x_train))
         precise = bnm.precise_bn(model, _precise_source(ds, bs, gen), n)
-        m["val/acc_precise_bn"] = evaluate(precise, ds.x_val, ds.y_val, ebs, chunk=chunk)["acc"]
+        m["val/acc_precise_bn"] = evaluate(precise, x_val, y_val, ebs, chunk=chunk)["acc"]
         err = bnm.running_stats_error(model, precise)
         m["bnstats/mean_err"], m["bnstats/var_err"] = err["mean_err"], err["var_err"]
         # The same distance for each shadow average: the running-statistics figure gets the whole
@@ -131,14 +146,20 @@ def epoch_metrics(model: nn.Module, ds: Dataset, cfg: Config, gen: torch.Generat
             m[shadow_key(mom, "bnstats/var_err")] = err["var_err"]
         del precise
     if cfg.bn.shadow_momenta:
-        accs = shadow_accuracies(model, ds.x_val, ds.y_val, ebs, len(cfg.bn.shadow_momenta), chunk=chunk)
+        accs = shadow_accuracies(model, x_val, y_val, ebs, len(cfg.bn.shadow_momenta), chunk=chunk)
         for mom, acc in zip(cfg.bn.shadow_momenta, accs):
             m[shadow_key(mom)] = acc
+    if final and cfg.bn.precise_sizes:
+        for size in cfg.bn.precise_sizes:
+            # A fresh draw of training batches per size; the copy is discarded after one pass.
+            precise = bnm.precise_bn(model, _precise_source(ds, bs, gen), min(size, len(ds.x_train)))
+            m[precise_size_key(size)] = evaluate(precise, x_val, y_val, ebs, chunk=chunk)["acc"]
+            del precise
     if final and cfg.train.bs1_samples > 0:
-        k = min(cfg.train.bs1_samples, len(ds.x_val))
+        k = min(cfg.train.bs1_samples, len(x_val))
         with bnm.batch_stats_eval(model):
             # One example per batch: every BN output collapses to beta (seed 000's pitfall).
-            m["val/acc_batch_stats_bs1"] = evaluate(model, ds.x_val[:k], ds.y_val[:k], 1)["acc"]
+            m["val/acc_batch_stats_bs1"] = evaluate(model, x_val[:k], y_val[:k], 1)["acc"]
     return m
 
 
@@ -259,6 +280,12 @@ class Setup:
     opt: torch.optim.Optimizer
     gen: torch.Generator  # batch order and precise-BN batches
     step: TrainStep
+    # Step-level evaluation draws its precise-BN batches from a generator of its own, so that
+    # train.eval_every never changes the batches training sees.
+    eval_gen: Optional[torch.Generator] = None
+    lr_fn: Optional[Callable[[int], float]] = None  # global step -> learning rate (optim.schedule)
+    global_step: int = 0  # SGD steps done in this run
+    lr: float = float("nan")  # the rate of the last step
 
 
 def setup(cfg: Config, data: Optional[Dataset] = None) -> Setup:
@@ -279,27 +306,70 @@ def setup(cfg: Config, data: Optional[Dataset] = None) -> Setup:
     gen = torch.Generator().manual_seed(cfg.seed)
     step = TrainStep(model, opt, device, compile=cfg.train.compile, amp=cfg.train.amp,
                      cuda_graphs=cfg.train.cuda_graphs)
-    return Setup(device, ds, model, opt, gen, step)
+    # The eval generator's seed is far from any run seed, so its batches never mirror training's.
+    eval_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    steps_per_epoch = max(1, len(ds.x_train) // cfg.data.batch_size)
+
+    def lr_fn(i: int) -> float:
+        return lr_at(cfg.optim, i, steps_per_epoch, cfg.train.epochs)
+
+    return Setup(device, ds, model, opt, gen, step, eval_gen, lr_fn)
 
 
-def train_epoch(s: Setup, batch_size: int, desc: str = "", progress: bool = False) -> Dict[str, float]:
-    """One pass over the shuffled training set: train/loss, train/acc and
-    perf/train_examples_per_s (this loop only, up to the epoch's one host sync)."""
+def eval_subset(ds: Dataset, n: Optional[int], seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fixed validation subset of step-level evaluation: n examples drawn once with `seed`
+    (data.subset_seed), the same for every run and step; the whole set for n = None."""
+    if n is None or n >= len(ds.x_val):
+        return ds.x_val, ds.y_val
+    idx = torch.randperm(len(ds.x_val), generator=torch.Generator().manual_seed(seed))[:n]
+    idx = idx.sort().values.to(ds.x_val.device)
+    return ds.x_val[idx], ds.y_val[idx]
+
+
+def train_epoch(s: Setup, batch_size: int, desc: str = "", progress: bool = False, *,
+                eval_every: int = 0, on_eval: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
+    """One pass over the shuffled training set: train/loss, train/acc, train/lr (the rate of the
+    epoch's last step) and perf/train_examples_per_s (this loop only, up to the epoch's one host
+    sync; step-level evaluations excluded). Each step's rate comes from s.lr_fn (optim.schedule);
+    after every `eval_every`-th SGD step of the run, on_eval(global step) runs (its time is not
+    counted as training time)."""
     s.model.train()
     s.step.reset()
     t0 = time.perf_counter()
+    paused = 0.0
     seen = 0
     steps = len(s.ds.x_train) // batch_size
     bar = _progress(steps, desc, progress)
     for xb, yb in train_batches(s.ds.x_train, s.ds.y_train, batch_size, s.gen):
+        if s.lr_fn is not None:
+            s.lr = s.lr_fn(s.global_step)
+            for group in s.opt.param_groups:
+                group["lr"] = s.lr
         s.step(xb, yb)
+        s.global_step += 1
         seen += len(yb)
         bar.update(1)
+        if on_eval is not None and eval_every > 0 and s.global_step % eval_every == 0:
+            t_eval = time.perf_counter()
+            on_eval(s.global_step)
+            s.model.train()
+            paused += time.perf_counter() - t_eval
     bar.close()
     loss_sum, correct = s.step.sums()  # waits for the device: the time below is honest on CUDA
-    train_time = time.perf_counter() - t0
-    return {"train/loss": loss_sum / seen, "train/acc": correct / seen,
-            "perf/train_examples_per_s": seen / train_time}
+    train_time = time.perf_counter() - t0 - paused
+    out = {"train/loss": loss_sum / seen, "train/acc": correct / seen,
+           "perf/train_examples_per_s": seen / train_time}
+    if s.lr_fn is not None:
+        out["train/lr"] = s.lr
+    return out
+
+
+def step_metrics(s: Setup, cfg: Config, val: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, float]:
+    """The step-level evaluation: epoch_metrics on the subset `val` (precise BN from s.eval_gen),
+    keys under STEP_PREFIX, plus step/lr. Buffers and flags of the model are unchanged."""
+    m = epoch_metrics(s.model, s.ds, cfg, s.eval_gen, final=False, val=val)
+    m["lr"] = s.lr
+    return {STEP_PREFIX + k: v for k, v in m.items()}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -334,9 +404,21 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
     tracker = BackgroundTracker(tracker or NullTracker(), process=s.device.type == "cuda")
     tracker.start(params, tags, config_text)
     final: Dict[str, float] = {}
+    on_eval = None
+    if cfg.train.eval_every > 0:
+        val = eval_subset(s.ds, cfg.train.eval_subset, cfg.data.subset_seed)
+
+        def on_eval(step: int) -> None:
+            tracker.log_epoch(step, step_metrics(s, cfg, val))
     try:
         for epoch in range(1, cfg.train.epochs + 1):
-            m = train_epoch(s, cfg.data.batch_size, f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress)
+            if cfg.bn.enabled and epoch == cfg.bn.freeze_at:
+                # FrozenBN from here on: population statistics recomputed once (training's batches).
+                bnm.freeze(s.model, _precise_source(s.ds, cfg.data.batch_size, s.gen),
+                           min(cfg.bn.precise_samples, len(s.ds.x_train)))
+                log.info("epoch %d: BN frozen at precise statistics of %d examples", epoch, cfg.bn.precise_samples)
+            m = train_epoch(s, cfg.data.batch_size, f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress,
+                            eval_every=cfg.train.eval_every, on_eval=on_eval)
             train_loss = m["train/loss"]
             if diverged(train_loss):
                 # Curves end here; evaluating a NaN model would only add noise to the plots.

@@ -383,7 +383,12 @@ def frames(store):
 
 
 def data_lines(ax):
-    return [ln for ln in ax.get_lines() if len(ln.get_xdata()) and not ln.get_label().startswith("chance")]
+    """The mean lines (per-seed thin lines, label _seed, left out)."""
+    return [ln for ln in ax.get_lines() if len(ln.get_xdata()) and not ln.get_label().startswith(("chance", "_seed"))]
+
+
+def seed_lines(ax):
+    return [ln for ln in ax.get_lines() if ln.get_label() == "_seed"]
 
 
 def test_fig_update_ops(frames):
@@ -393,6 +398,9 @@ def test_fig_update_ops(frames):
     assert len(axes) == 2  # update_stats true and false
     for ax in axes:
         assert len(data_lines(ax)) == 4 and all(len(ln.get_xdata()) == EPOCHS for ln in data_lines(ax))
+        # n <= 5 seeds: every seed of every metric is also drawn as a thin line under the mean
+        n = int(ax.get_title().split("(n=")[1].split()[0])
+        assert len(seed_lines(ax)) == 4 * n and all(ln.get_linewidth() < 1 for ln in seed_lines(ax))
     assert axes[0].get_ylabel() == F.ACC
     assert "bn.update_stats=false" in texts(fig) and "precise BN" in texts(fig)
     assert "left out: 1 FAILED run(s)" in texts(fig)

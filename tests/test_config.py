@@ -59,7 +59,8 @@ def test_every_study_has_a_card_with_its_command_and_conclusion(study):
 
 
 def test_study_grid_sizes():
-    assert len(cli.expand_jobs(["study=momentum"])[0]) == 9
+    assert len(cli.expand_jobs(["study=momentum"])[0]) == 10  # 2 batch sizes x 5 seeds
+    assert len(cli.expand_jobs(["study=d2l"])[0]) == 10  # 10 seeds
     assert len(cli.expand_jobs(["study=update_ops"])[0]) == 6
     # the command line adds an axis to a study
     assert len(cli.expand_jobs(["study=update_ops", "bn.momentum=0.01,0.1"])[0]) == 12
@@ -102,6 +103,19 @@ BAD = [
     (["model.activation=tanh"], "model.activation"),
     (["data.name=mnist"], "data.name"),
     (["bn.shadow_momenta=[0.1,2]"], "bn.shadow_momenta"),
+    (["bn.ghost_batch_size=3"], "bn.ghost_batch_size"),  # not a divisor of 256
+    (["bn.ghost_batch_size=1"], "bn.ghost_batch_size"),
+    (["bn.freeze_at=11"], "bn.freeze_at"),  # after the last epoch
+    (["bn.freeze_at=2", "bn.precise_samples=0"], "bn.precise_samples"),
+    (["bn.precise_sizes=[1,100]"], "bn.precise_sizes"),
+    (["optim.schedule=linear"], "optim.schedule"),
+    (["optim.milestones=[5,3]"], "optim.milestones"),
+    (["optim.milestones=[10]"], "optim.milestones"),  # not before train.epochs
+    (["optim.gamma=1.5"], "optim.gamma"),
+    (["optim.warmup_epochs=10"], "optim.warmup_epochs"),
+    (["train.eval_every=-2"], "train.eval_every"),
+    (["train.eval_subset=0"], "train.eval_subset"),
+    (["model.pool=min"], "model.pool"),
 ]
 
 

@@ -12,7 +12,7 @@ from conftest import cli, runs_of, store_uri
 
 EPOCH_METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_batch_stats",
                  "val/acc_precise_bn", "gap/acc", "perf/train_examples_per_s",
-                 "bnstats/mean_err", "bnstats/var_err"}
+                 "bnstats/mean_err", "bnstats/var_err", "train/lr"}
 
 
 def test_single_run_logs_everything(home, tmp_path):

@@ -1,6 +1,8 @@
 """Report figures as pure functions: frames from analysis/runs.py in, a matplotlib Figure out (no
-MLflow, no files, no pyplot state). Seeds are averaged with a 95% t-interval band (none for n=1);
-failed/running runs are left out and counted in a footnote; diverged runs are marked, never dropped."""
+MLflow, no files, no pyplot state). Seeds are averaged with a 95% band (none for n=1): a t-interval
+on the logit scale for accuracies (it stays inside [0, 1]), a t-interval otherwise; where n <= 5
+each seed is also drawn as a thin line. Failed/running runs are left out and counted in a
+footnote; diverged runs are marked, never dropped."""
 from __future__ import annotations
 
 import math
@@ -78,22 +80,96 @@ def mean_ci(values: Iterable[float], level: float = 0.95) -> Tuple[float, float,
     return float(v.mean()), float(half), n
 
 
+# Accuracies are fractions in [0, 1]: their interval is a t-interval of logit(value) mapped back,
+# which never leaves (0, 1). Values are clipped to [ACC_CLIP, 1 - ACC_CLIP] first (logit(0) = -inf).
+ACC_CLIP = 1e-3
+CI_METHOD = ("accuracies: 95% t-interval of the mean of logit(accuracy) over seeds, mapped back "
+             "through the logistic function (always inside [0, 1]; values clipped to [0.001, 0.999]); "
+             "other quantities: mean ± the half-width of the 95% t-interval")
+SEED_LINES_MAX_N = 5  # where a group has at most this many seeds, each seed is drawn as a thin line
+
+
+def is_accuracy(name: str) -> bool:
+    """train/acc, val/acc, val/acc_precise_bn/16, step/val/acc_shadow/0.1 (with or without final/):
+    fractions in [0, 1]. gap/acc (a difference) is not one."""
+    parts = str(name).split("/")
+    while parts and parts[0] in ("final", "step"):
+        parts = parts[1:]
+    return len(parts) >= 2 and parts[0] in ("train", "val") and parts[1].startswith("acc")
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, ACC_CLIP, 1 - ACC_CLIP)
+    return np.log(p / (1 - p))
+
+
+def acc_interval(values: Iterable[float], level: float = 0.95) -> Tuple[float, float]:
+    """(low, high) of the 95% interval for a mean accuracy: t-interval on the logit scale, mapped
+    back; (nan, nan) for fewer than 2 finite values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    z = _logit(v)
+    half = t_quantile(0.5 + level / 2, len(v) - 1) * z.std(ddof=1) / math.sqrt(len(v))
+    lo, hi = z.mean() - half, z.mean() + half
+    return float(1 / (1 + math.exp(-lo))), float(1 / (1 + math.exp(-hi)))
+
+
+def interval(values, name: str = "") -> Tuple[float, float, float, int]:
+    """(mean, low, high, n): the logit interval for an accuracy (by `name`, or the Series' own
+    name), mean ± t half-width otherwise."""
+    name = name or str(getattr(values, "name", "") or "")
+    vals = list(values)
+    m, ci, n = mean_ci(vals)
+    if is_accuracy(name):
+        lo, hi = acc_interval(vals)
+    else:
+        lo, hi = m - ci, m + ci
+    return m, lo, hi, n
+
+
+def _yerr(m: float, lo: float, hi: float):
+    """Error-bar lengths for matplotlib from an interval; None where there is none. The logit
+    interval is that of the mean logit, so a skewed sample's arithmetic mean can sit just outside
+    it: the bar then starts at the point (length 0 on that side)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None
+    return [[max(0.0, m - lo)], [max(0.0, hi - m)]]
+
+
 def _hashable(s: pd.Series) -> pd.Series:
     return s.map(lambda v: tuple(v) if isinstance(v, list) else v) if s.dtype == object else s
 
 
 def aggregate(df: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
-    """Mean, 95% CI half-width and n of `value` per group of `by` (nulls are a group: bn.momentum
-    NaN = cumulative). Non-finite values are not averaged."""
+    """Mean, 95% CI half-width, n, and the band (lo, hi) of `value` per group of `by` (nulls are a
+    group: bn.momentum NaN = cumulative). Non-finite values are not averaged. The band is the
+    logit-scale interval (acc_interval) where the values are accuracies (the column is one, or in a
+    curves frame, value="value" and every metric is one; column `bounded`), mean ± ci otherwise."""
     if df.empty:
-        return pd.DataFrame(columns=[*by, "mean", "ci", "n"])
+        return pd.DataFrame(columns=[*by, "mean", "ci", "n", "lo", "hi", "bounded"])
+    metrics = df["metric"].dropna().unique() if value == "value" and "metric" in df else [value]
+    acc = len(metrics) > 0 and all(is_accuracy(m) for m in metrics)
     d = df[list(by)].apply(_hashable).assign(_v=df[value].astype(float).where(np.isfinite(df[value].astype(float))))
-    g = d.groupby(list(by), dropna=False, sort=True)["_v"].agg(["mean", "std", "count"]).reset_index()
+    grouped = d.groupby(list(by), dropna=False, sort=True)["_v"]
+    g = grouped.agg(["mean", "std", "count"]).reset_index()
     t = g["count"].map(lambda n: t_quantile(0.975, int(n) - 1) if n >= 2 else float("nan"))
     g["ci"] = t * g["std"] / np.sqrt(g["count"].clip(lower=1))
     g = g.rename(columns={"count": "n"}).drop(columns="std")
     g["n"] = g["n"].astype(int)
+    if acc:
+        # Same groupby, same order: one (lo, hi) pair per row of g.
+        pairs = grouped.agg(lambda v: acc_interval(v.tolist())).tolist()
+        g["lo"], g["hi"] = [p[0] for p in pairs], [p[1] for p in pairs]
+    else:
+        g["lo"], g["hi"] = g["mean"] - g["ci"], g["mean"] + g["ci"]
+    g["bounded"] = acc
     return g[g["n"] > 0].reset_index(drop=True)
+
+
+def _ci(agg: pd.DataFrame) -> Tuple[np.ndarray, np.ndarray]:
+    """(low, high) band arrays of an aggregate() frame."""
+    return agg["lo"].to_numpy(float), agg["hi"].to_numpy(float)
 
 
 def param_columns(df: pd.DataFrame) -> List[str]:
@@ -203,15 +279,35 @@ def group_label(row, cols: Sequence[str]) -> str:
 
 
 def _band(ax, x, mean, ci, label: str, color, marker: str = "o", ls: str = "-", zorder: int = 2):
-    x, mean, ci = np.asarray(x, float), np.asarray(mean, float), np.asarray(ci, float)
+    """The mean as a line and its 95% band: `ci` is a half-width array or a (low, high) pair."""
+    x, mean = np.asarray(x, float), np.asarray(mean, float)
+    if isinstance(ci, tuple):
+        lo, hi = (np.asarray(a, float) for a in ci)
+    else:
+        ci = np.asarray(ci, float)
+        lo, hi = mean - ci, mean + ci
     order = np.argsort(x)
-    x, mean, ci = x[order], mean[order], ci[order]
+    x, mean, lo, hi = x[order], mean[order], lo[order], hi[order]
     (line,) = ax.plot(x, mean, marker=marker, ls=ls, color=color, label=label, ms=4, zorder=zorder)
-    ok = np.isfinite(ci)
+    ok = np.isfinite(lo) & np.isfinite(hi)
     if ok.any():
-        ax.fill_between(x, np.where(ok, mean - ci, mean), np.where(ok, mean + ci, mean),
+        ax.fill_between(x, np.where(ok, lo, mean), np.where(ok, hi, mean),
                         color=color, alpha=0.2, lw=0, zorder=zorder - 1)
     return line
+
+
+def _seed_lines(ax, frame: pd.DataFrame, x: str, y: str, color, by: str = "seed") -> None:
+    """Each seed (or run, by="run_id") as a thin line under the mean, where there are at most
+    SEED_LINES_MAX_N of them: with so few seeds the band alone hides how they scatter."""
+    if frame.empty or by not in frame or y not in frame or x not in frame:
+        return
+    keys = frame[by].dropna().unique()
+    if not 0 < len(keys) <= SEED_LINES_MAX_N:
+        return
+    for k in keys:
+        g = frame[frame[by] == k].sort_values(x)
+        ax.plot(g[x].to_numpy(float), g[y].to_numpy(float), color=color, lw=0.6, alpha=0.45,
+                zorder=1, label="_seed")
 
 
 def _new(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.8, **kw):
@@ -269,9 +365,10 @@ def _usable_curves(curves: pd.DataFrame) -> pd.DataFrame:
 
 def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], colors=None, ls="-",
                   log: bool = False):
-    """One line per group, per step: mean and 95% CI over seeds. With log=True (for a log axis)
-    the mean and CI are those of log10(value), drawn back as 10**: the geometric mean and a band
-    that stays positive (a t-interval of the raw values runs below zero on a log axis)."""
+    """One line per group, per step: mean and 95% band over seeds (logit-scale for accuracies), and
+    each run as a thin line where a group has at most SEED_LINES_MAX_N runs. With log=True (for a
+    log axis) the mean and CI are those of log10(value), drawn back as 10**: the geometric mean
+    and a band that stays positive (a t-interval of the raw values runs below zero on a log axis)."""
     sub = curves[curves["metric"] == metric]
     if log:
         sub = sub[sub["value"] > 0].assign(value=np.log10(sub.loc[sub["value"] > 0, "value"]))
@@ -280,17 +377,20 @@ def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], 
     agg = aggregate(sub, [*groups, "step"], "value")
     keys = agg[list(groups)].drop_duplicates() if groups else pd.DataFrame(index=[0])
     for i, (_, key) in enumerate(keys.iterrows()):
-        g = agg
+        g, runs_g = agg, sub
         for c in groups:
             g = g[_same(g[c], key[c])]
+            runs_g = runs_g[_same(_hashable(runs_g[c]), key[c])]
         color = (colors or {}).get(i, COLORS[i % len(COLORS)])
         if log:
             x, m, ci = (g[c].to_numpy(float) for c in ("step", "mean", "ci"))
             ax.plot(x, 10 ** m, marker="o", ls=ls, color=color, label=group_label(key, groups), ms=4)
             ci = np.where(np.isfinite(ci), ci, 0.0)
             ax.fill_between(x, 10 ** (m - ci), 10 ** (m + ci), color=color, alpha=0.2, lw=0)
+            _seed_lines(ax, runs_g.assign(value=10 ** runs_g["value"]), "step", "value", color, by="run_id")
         else:
-            _band(ax, g["step"], g["mean"], g["ci"], group_label(key, groups), color, ls=ls)
+            _band(ax, g["step"], g["mean"], _ci(g), group_label(key, groups), color, ls=ls)
+            _seed_lines(ax, runs_g, "step", "value", color, by="run_id")
 
 
 def _same(col: pd.Series, v) -> pd.Series:
@@ -327,7 +427,8 @@ def fig_update_ops(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) ->
         for metric, label, color, ls, marker in UPDATE_OPS_METRICS:
             agg = aggregate(sub[sub["metric"] == metric], ["step"], "value")
             if not agg.empty:
-                _band(ax, agg["step"], agg["mean"], agg["ci"], label, color, marker, ls)
+                _band(ax, agg["step"], agg["mean"], _ci(agg), label, color, marker, ls)
+                _seed_lines(ax, sub[sub["metric"] == metric], "step", "value", color, by="run_id")
         _chance(ax)
         n = sub["run_id"].nunique()
         ax.set_title(f"bn.update_stats={str(bool(v)).lower()}: "
@@ -357,8 +458,9 @@ def _special_axis(ax, pts: pd.DataFrame, value: str, bsizes, colors, diverged: p
             s = sub[sel(sub["bn.momentum"])]
             if s.empty:
                 continue
-            m, ci, n = mean_ci(s[value])
-            ax.errorbar([x + (i - (len(bsizes) - 1) / 2) * 0.12], [m], yerr=[[ci if np.isfinite(ci) else 0]],
+            m, lo, hi, n = interval(s[value], value)
+            err = _yerr(m, lo, hi)
+            ax.errorbar([x + (i - (len(bsizes) - 1) / 2) * 0.12], [m], yerr=err,
                         fmt="o", color=colors[i], ms=5, capsize=3, label=f"_special {b}")
     ax.set_xticks([x for x, _, _ in cats], [lab for _, lab, _ in cats], fontsize=7)
     ax.set_xlim(-0.6, 1.6)
@@ -402,8 +504,9 @@ def fig_momentum(runs: pd.DataFrame, shadows: bool = True) -> Figure:
             n = aggregate(pts[pts["data.batch_size"] == b], ["bn.momentum"], value)["n"]
             seeds = f"n={n.min()}" if n.min() == n.max() else f"n={n.min()}–{n.max()}"
             if not agg.empty:
-                _band(ax, agg["bn.momentum"], agg["mean"], agg["ci"], f"batch size {b:g} ({seeds} seeds per point)",
+                _band(ax, agg["bn.momentum"], agg["mean"], _ci(agg), f"batch size {b:g} ({seeds} seeds per point)",
                       colors[i])
+                _seed_lines(ax, sub, "bn.momentum", value, colors[i])
         _special_axis(axl, pts, value, bsizes, colors, diverged)
         if r == 0:
             _chance(ax)
@@ -508,14 +611,15 @@ def fig_batch_size(runs: pd.DataFrame) -> Figure:
         if frame.empty or col not in frame or frame[col].notna().sum() == 0:
             continue
         agg = aggregate(frame, ["data.batch_size"], col)
-        _band(ax, agg["data.batch_size"], agg["mean"], agg["ci"], label, color, marker, ls)
+        _band(ax, agg["data.batch_size"], agg["mean"], _ci(agg), label, color, marker, ls)
+        _seed_lines(ax, frame, "data.batch_size", col, color)
     for k, (pl, frame) in enumerate(runs.groupby("bn.placement")):
         _x_diverged(ax, frame, "data.batch_size", PLACEMENT_COLOR.get(pl, "k"), PLACEMENT_LABEL.get(pl, pl),
                     jitter=1.12 ** k, row=k)
     col = FINAL + "val/acc_batch_stats_bs1"
     if col in with_bn and with_bn[col].notna().any():
         agg = aggregate(with_bn, ["data.batch_size"], col)
-        _band(ax1, agg["data.batch_size"], agg["mean"], agg["ci"],
+        _band(ax1, agg["data.batch_size"], agg["mean"], _ci(agg),
               "BN, batch statistics of ONE example (train mode, batch size 1 at test)", "tab:purple", "v", "-")
     else:
         ax1.text(0.5, 0.5, "val/acc_batch_stats_bs1 not logged", ha="center", transform=ax1.transAxes)
@@ -590,7 +694,8 @@ def fig_lr(runs: pd.DataFrame) -> Figure:
         color = PLACEMENT_COLOR.get(pl, COLORS[k % len(COLORS)])
         agg = aggregate(ok[ok["bn.placement"] == pl], ["optim.lr"], FINAL + "val/acc")
         if not agg.empty:
-            _band(ax, agg["optim.lr"], agg["mean"], agg["ci"], _variant(pl), color)
+            _band(ax, agg["optim.lr"], agg["mean"], _ci(agg), _variant(pl), color)
+            _seed_lines(ax, ok[ok["bn.placement"] == pl], "optim.lr", FINAL + "val/acc", color)
         _x_diverged(ax, fin[fin["bn.placement"] == pl], "optim.lr", color, _variant(pl), jitter=1.12 ** k, row=k)
         y = 1.04 + 0.035 * k
         for lo, hi in regions.get(pl, []):
@@ -624,15 +729,18 @@ def fig_placement(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
             c = okc[(okc["model.activation"] == act) & (okc["bn.placement"] == pl) & (okc["metric"] == "val/acc")]
             agg = aggregate(c, ["step"], "value")
             if not agg.empty:
-                _band(top, agg["step"], agg["mean"], agg["ci"], PLACEMENT_LABEL[pl], color)
-            m, ci, n = mean_ci(ok.loc[(ok["model.activation"] == act) & (ok["bn.placement"] == pl), FINAL + "val/acc"])
+                _band(top, agg["step"], agg["mean"], _ci(agg), PLACEMENT_LABEL[pl], color)
+                _seed_lines(top, c, "step", "value", color, by="run_id")
+            vals = ok.loc[(ok["model.activation"] == act) & (ok["bn.placement"] == pl), FINAL + "val/acc"]
+            m, lo, hi, n = interval(vals, FINAL + "val/acc")
             if n:
-                bottom.bar(k, m, color=color, yerr=ci if np.isfinite(ci) else None, capsize=4, alpha=0.85)
-                label = f"{m:.3f}" + (f"\n±{ci:.3f}" if np.isfinite(ci) else "") + f"\nn={n}"
+                err = _yerr(m, lo, hi)
+                bottom.bar(k, m, color=color, yerr=err, capsize=4, alpha=0.85)
+                label = f"{m:.3f}" + (f"\n[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "") + f"\nn={n}"
                 if m >= 0.3:  # inside a tall bar, above the error bar's top for a short one
                     bottom.text(k, m / 2, label, ha="center", va="center", fontsize=7, color="white")
                 else:
-                    top_of = m + (ci if np.isfinite(ci) else 0.0) + 0.02
+                    top_of = (hi if np.isfinite(hi) else m) + 0.02
                     bottom.text(k, top_of, label, ha="center", va="bottom", fontsize=7, color="black")
         top.set_title(f"model.activation={act}", fontsize=9)
         _epoch_axis(top)
@@ -726,4 +834,317 @@ def fig_curves(curves: pd.DataFrame, metrics: Sequence[str] = ("train/acc", "val
         _epoch_axis(ax)
     n = ok["run_id"].nunique()
     notes.append(f"{n} run(s)")
+    return _finish(fig, title, notes)
+
+
+# ------------------------------------------------------------------------------ dynamics studies
+
+STEP = "step/"
+D2L_REPORTED = {"from-scratch BN (seed 004)": 0.878, "framework BN (seed 004)": 0.796}
+
+
+def step_wide(curves: pd.DataFrame) -> pd.DataFrame:
+    """Step-level metrics (step/<metric>, MLflow step = global SGD step) of the usable runs as one
+    row per (run, step) with a column per metric (prefix kept), plus seed and bn.momentum."""
+    ok = _usable_curves(curves)
+    sub = ok[ok["metric"].str.startswith(STEP)] if not ok.empty else ok
+    if sub.empty:
+        return pd.DataFrame()
+    wide = sub.pivot_table(index=["run_id", "step"], columns="metric", values="value").reset_index()
+    wide.columns.name = None
+    meta = [c for c in ("seed", "bn.momentum") if c in sub]
+    return wide.merge(sub.drop_duplicates("run_id")[["run_id", *meta]], on="run_id", how="left")
+
+
+def _shadow_cols(wide: pd.DataFrame, prefix: str = STEP + "val/acc_shadow/") -> Dict[float, str]:
+    return {float(c[len(prefix):]): c for c in wide.columns if c.startswith(prefix)}
+
+
+def _lr_changes(wide: pd.DataFrame) -> List[float]:
+    """Global steps at which the scheduled learning rate changed (from step/lr)."""
+    if STEP + "lr" not in wide:
+        return []
+    lr = wide.groupby("step")[STEP + "lr"].mean().sort_index()
+    return [float(s) for s, a, b in zip(lr.index[1:], lr.to_numpy()[:-1], lr.to_numpy()[1:]) if not np.isclose(a, b)]
+
+
+def ema_gaps(wide: pd.DataFrame) -> pd.DataFrame:
+    """Per run and step: precise-BN accuracy minus EMA accuracy for each momentum (the run's own
+    bn.momentum: step/val/acc; shadows: step/val/acc_shadow/<m>). Columns run_id, seed, step,
+    momentum, gap, lr."""
+    if wide.empty or STEP + "val/acc_precise_bn" not in wide:
+        return pd.DataFrame(columns=["run_id", "seed", "step", "momentum", "gap", "lr"])
+    parts = []
+    own = wide["bn.momentum"] if "bn.momentum" in wide else pd.Series(np.nan, index=wide.index)
+    cols = {**{m: c for m, c in _shadow_cols(wide).items()}}
+    for m, c in [(None, STEP + "val/acc"), *sorted(cols.items())]:
+        if c not in wide:
+            continue
+        mom = own if m is None else pd.Series(m, index=wide.index)
+        parts.append(pd.DataFrame({"run_id": wide["run_id"], "seed": wide.get("seed"), "step": wide["step"],
+                                   "momentum": mom.astype(float),
+                                   "gap": wide[STEP + "val/acc_precise_bn"] - wide[c],
+                                   "lr": wide.get(STEP + "lr", pd.Series(np.nan, index=wide.index))}))
+    out = pd.concat(parts, ignore_index=True)
+    return out.drop_duplicates(["run_id", "step", "momentum"])
+
+
+def fig_ema_vs_precise(curves: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> Figure:
+    """Step-level validation accuracy through a run with a step decay of the learning rate: EMA
+    running statistics at several momenta (the run's own and its shadows) against precise BN and
+    batch statistics (top); the gap precise − EMA per momentum, with the learning rate (bottom).
+    Mean and 95% band over seeds; each seed thin where n <= 5."""
+    title = "EMA vs precise BN during training: stale EMA statistics while the learning rate is high"
+    notes = _notes(curves if runs is None else runs, "not averaged")
+    wide = step_wide(curves)
+    if wide.empty or STEP + "val/acc" not in wide:
+        return _empty(title, "no step-level metrics (train.eval_every) logged", notes)
+    fig, axes = _new(1, 2, width=8.0, height=3.4, sharex=True)
+    top, bottom = axes[0, 0], axes[1, 0]
+    own = wide["bn.momentum"].dropna().unique() if "bn.momentum" in wide else []
+    series = [(STEP + "val/acc_precise_bn", "precise BN (population statistics)", "tab:green", "-")]
+    series += [(STEP + "val/acc_batch_stats", "batch statistics", "tab:blue", ":")]
+    moms = {float(own[0]) if len(own) == 1 else float("nan"): STEP + "val/acc", **_shadow_cols(wide)}
+    ordered = sorted(moms.items(), key=lambda kv: -kv[0] if np.isfinite(kv[0]) else 0)
+    cmap = ["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    colors = {m: cmap[i % len(cmap)] for i, (m, _) in enumerate(ordered)}
+    series += [(c, f"EMA, momentum {m:g}", colors[m], "-") for m, c in ordered]
+    main = {STEP + "val/acc_precise_bn", STEP + "val/acc"}
+    for col, label, color, ls in series:
+        if col not in wide:
+            continue
+        long = wide[["run_id", "seed", "step", col]].dropna().assign(metric=col.replace(STEP, ""))
+        agg = aggregate(long, ["step"], col)
+        # Bands and seed lines only for precise BN and the run's own EMA: eight bands hide each other.
+        band = _ci(agg) if col in main else np.full(len(agg), np.nan)
+        _band(top, agg["step"], agg["mean"], band, label, color, marker="", ls=ls)
+        if col in main:
+            _seed_lines(top, long, "step", col, color, by="run_id")
+    top.set_ylabel("val/acc on the step-level subset")
+    top.set_ylim(max(0.0, float(np.nanmin(wide[STEP + "val/acc"])) - 0.05), 1.0)
+    gaps = ema_gaps(wide)
+    for m, _ in ordered:
+        g = gaps[np.isclose(gaps["momentum"], m)] if np.isfinite(m) else gaps[gaps["momentum"].isna()]
+        if g.empty:
+            continue
+        agg = aggregate(g, ["step"], "gap")
+        _band(bottom, agg["step"], agg["mean"], _ci(agg), f"_gap {m:g}", colors[m], marker="", ls="-")
+    bottom.axhline(0, color="0.5", lw=0.8)
+    if not gaps.empty:
+        means = gaps.groupby(["momentum", "step"])["gap"].mean()
+        bottom.set_ylim(min(-0.05, float(means.min()) - 0.05), float(means.max()) + 0.1)
+    bottom.set_ylabel("precise BN − EMA\n(val/acc, mean and 95% CI)")
+    bottom.set_xlabel("global SGD step")
+    for ax in (top, bottom):
+        for s in _lr_changes(wide):
+            ax.axvline(s, color="0.3", ls="--", lw=0.8, label="learning-rate decay")
+    if STEP + "lr" in wide:
+        lr = wide.groupby("step")[STEP + "lr"].mean().sort_index()
+        twin = bottom.twinx()
+        twin.plot(lr.index, lr.to_numpy(), color="0.4", lw=1.2, drawstyle="steps-post", label="learning rate (right axis)")
+        twin.set_yscale("log")
+        twin.set_ylabel("learning rate (log)")
+    n = wide["run_id"].nunique()
+    notes.append(f"{n} run(s); every {int(np.diff(sorted(wide['step'].unique()))[0]) if wide['step'].nunique() > 1 else 0} steps")
+    return _finish(fig, title, notes, legend_axes=fig.axes)
+
+
+def precise_size_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """final/val/acc_precise_bn/<n> columns -> rows: run_id, seed, samples, acc."""
+    prefix = FINAL + "val/acc_precise_bn/"
+    parts = []
+    for c in runs.columns:
+        if c.startswith(prefix):
+            parts.append(pd.DataFrame({"run_id": runs["run_id"], "seed": runs.get("seed"),
+                                       "samples": float(c[len(prefix):]), "acc": runs[c]}))
+    if not parts:
+        return pd.DataFrame(columns=["run_id", "seed", "samples", "acc"])
+    return pd.concat(parts, ignore_index=True).dropna(subset=["acc"])
+
+
+def fig_precise_samples(runs: pd.DataFrame) -> Figure:
+    """Precise-BN val/acc against the number of calibration samples (log axis), every size
+    evaluated on the same weights at the last epoch; the EMA (running statistics) and batch
+    statistics of the same runs as horizontal bands; Wu & Johnson's 10^3-10^4 shaded."""
+    title = "Precise BN: how many calibration samples are enough?"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "not averaged")
+    rows = precise_size_rows(ok)
+    if rows.empty:
+        return _empty(title, "no val/acc_precise_bn/<n> metrics (bn.precise_sizes) logged", notes)
+    rows = rows.assign(**{"final/val/acc_precise_bn": rows["acc"]})
+    fig, axes = _new(2, width=5.2, height=4.2)
+    ax, ax1 = axes[0]
+    # Right: per seed, the accuracy at n samples minus that with the most samples (paired: the
+    # seeds' own spread, which dominates the left panel, cancels).
+    full = rows[rows["samples"] == rows["samples"].max()].set_index("run_id")["acc"]
+    rows = rows.assign(gap=rows["acc"] - rows["run_id"].map(full))
+    gap = aggregate(rows, ["samples"], "gap")
+    _band(ax1, gap["samples"], gap["mean"], _ci(gap), "_gap", "tab:green", marker="D")
+    _seed_lines(ax1, rows, "samples", "gap", "tab:green")
+    ax1.axhline(0, color="0.5", lw=0.8)
+    ax1.axvspan(1e3, 1e4, color="0.85", zorder=0)
+    _log_ticks(ax1, sorted(rows["samples"].unique()))
+    ax1.tick_params(axis="x", labelrotation=45, labelsize=7)
+    ax1.set_xlabel("calibration samples (training examples, log)")
+    ax1.set_ylabel(f"val/acc − val/acc with {int(rows['samples'].max())} samples\n(per seed; mean ± 95% CI)")
+    ax1.set_title("paired with the largest calibration set", fontsize=9)
+    agg = aggregate(rows, ["samples"], "final/val/acc_precise_bn")
+    _band(ax, agg["samples"], agg["mean"], _ci(agg), "precise BN (val/acc)", "tab:green", marker="D")
+    _seed_lines(ax, rows, "samples", "acc", "tab:green")
+    xs = sorted(rows["samples"].unique())
+    for col, label, color, ls in ((FINAL + "val/acc", "EMA running statistics (momentum 0.1)", "tab:red", "-"),
+                                  (FINAL + "val/acc_batch_stats", "batch statistics", "tab:blue", ":")):
+        if col in ok and ok[col].notna().any():
+            m, lo, hi, _ = interval(ok[col], col)
+            ax.axhline(m, color=color, ls=ls, lw=1.2, label=label)
+            if np.isfinite(lo):  # the interval as two thin lines: a filled span would hide the curve
+                for edge in (lo, hi):
+                    ax.axhline(edge, color=color, ls=(0, (1, 3)), lw=0.8, label="_interval")
+    ax.axvspan(1e3, 1e4, color="0.85", zorder=0, label="Wu & Johnson 2021: 10^3-10^4 suffice")
+    _log_ticks(ax, xs)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    ax.set_xlabel("calibration samples (training examples, log)")
+    ax.set_ylabel("final val/acc")
+    lo = float(np.nanmin(agg["lo"])) if agg["lo"].notna().any() else float(agg["mean"].min())
+    ax.set_ylim(max(0.0, min(lo, agg["mean"].min()) - 0.03), min(1.0, float(agg["hi"].max()) + 0.02))
+    notes.append("dotted thin lines: 95% intervals of the EMA and batch-statistics accuracies")
+    notes.append(f"n={int(agg['n'].max())} seeds; every size on the same weights, a fresh draw of batches of "
+                 f"{int(ok['data.batch_size'].iloc[0]) if 'data.batch_size' in ok else '?'}")
+    return _finish(fig, title, notes)
+
+
+def norm_batch_size(runs: pd.DataFrame) -> pd.Series:
+    """The normalisation batch of each run: bn.ghost_batch_size, or the SGD batch where null."""
+    g = runs["bn.ghost_batch_size"] if "bn.ghost_batch_size" in runs else pd.Series(np.nan, index=runs.index)
+    return pd.to_numeric(g, errors="coerce").astype(float).fillna(runs["data.batch_size"].astype(float))
+
+
+def _frozen(runs: pd.DataFrame) -> pd.Series:
+    f = runs["bn.freeze_at"] if "bn.freeze_at" in runs else pd.Series(np.nan, index=runs.index)
+    return pd.to_numeric(f, errors="coerce").notna()
+
+
+def fig_norm_batch(runs: pd.DataFrame) -> Figure:
+    """Normalisation (ghost) batch size at a fixed SGD batch (log2 axis), Wu & Johnson's three
+    curves: train/acc with mini-batch statistics, val/acc with mini-batch statistics (per ghost
+    batch) and with population statistics (precise BN; EMA dotted). Right: FrozenBN (the last
+    epoch with frozen population statistics) against ordinary BN, both with population statistics."""
+    title = "Normalisation batch size: mini-batch vs population statistics, and FrozenBN"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "marked x at chance")
+    if ok.empty or "data.batch_size" not in ok:
+        return _empty(title, "no finished runs", notes)
+    ok = ok.assign(_norm=norm_batch_size(ok), _frozen=_frozen(ok))
+    plain, frozen = ok[~ok["_frozen"]], ok[ok["_frozen"]]
+    fig, axes = _new(2 if not frozen.empty else 1, sharey=True)
+    ax = axes[0, 0]
+    series = [(plain, FINAL + "train/acc", "train/acc, mini-batch statistics", "black", "s", "--"),
+              (plain, FINAL + "val/acc_batch_stats", "val/acc, mini-batch statistics", "tab:blue", "^", ":"),
+              (plain, FINAL + "val/acc_precise_bn", "val/acc, population statistics (precise BN)", "tab:green", "D", "-"),
+              (plain, FINAL + "val/acc", "val/acc, EMA running statistics", "tab:red", "o", "-")]
+    for frame, col, label, color, marker, ls in series:
+        if frame.empty or col not in frame or frame[col].notna().sum() == 0:
+            continue
+        agg = aggregate(frame, ["_norm"], col)
+        _band(ax, agg["_norm"], agg["mean"], _ci(agg), label, color, marker, ls)
+        _seed_lines(ax, frame, "_norm", col, color)
+    ax.set_title("ordinary BN (mini-batch statistics in training)", fontsize=9)
+    if not frozen.empty:
+        ax1 = axes[0, 1]
+        for frame, col, label, color, marker, ls in (
+                (frozen, FINAL + "val/acc", "FrozenBN: val/acc, population statistics", "tab:purple", "v", "-"),
+                (frozen, FINAL + "train/acc", "FrozenBN: train/acc (last epoch frozen)", "tab:gray", "s", "--"),
+                (plain, FINAL + "val/acc_precise_bn", "ordinary BN: val/acc, population statistics (precise BN)",
+                 "tab:green", "D", "-")):
+            if col in frame and frame[col].notna().any():
+                agg = aggregate(frame, ["_norm"], col)
+                _band(ax1, agg["_norm"], agg["mean"], _ci(agg), label, color, marker, ls)
+                _seed_lines(ax1, frame, "_norm", col, color)
+        ep = int(pd.to_numeric(frozen["bn.freeze_at"]).iloc[0])
+        ax1.set_title(f"FrozenBN from epoch {ep} (bn.freeze_at={ep})", fontsize=9)
+    sizes = sorted(ok["_norm"].unique())
+    for a in axes[0]:
+        _chance(a)
+        _log_ticks(a, sizes, base=2)
+        a.set_xlabel(f"normalisation batch (ghost batch; SGD batch {int(ok['data.batch_size'].iloc[0])}, log2)")
+        a.set_ylim(0, 1.02)
+    ax.set_ylabel("final accuracy")
+    return _finish(fig, title, notes)
+
+
+def fig_gamma_beta(runs: pd.DataFrame) -> Figure:
+    """Learned gamma and beta (bn.affine=true) against fixed gamma=1, beta=0, per activation:
+    final val/acc (bars, 95% interval, n) and final train/acc (black marks); seeds as dots."""
+    title = "Learned vs fixed gamma and beta, sigmoid and ReLU"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "left out of the means")
+    if ok.empty or "bn.affine" not in ok or "model.activation" not in ok:
+        return _empty(title, "no finished runs", notes)
+    acts = sorted(ok["model.activation"].unique())
+    fig, axes = _new(len(acts), width=3.6, height=4.0, sharey=True)
+    for ax, act in zip(axes[0], acts):
+        for k, (aff, color) in enumerate(((True, "tab:blue"), (False, "tab:orange"))):
+            s = ok[(ok["model.activation"] == act) & (ok["bn.affine"] == aff)]
+            if s.empty:
+                continue
+            m, lo, hi, n = interval(s[FINAL + "val/acc"], FINAL + "val/acc")
+            err = _yerr(m, lo, hi)
+            label = "learned gamma, beta (bn.affine=true)" if aff else "fixed gamma=1, beta=0 (bn.affine=false)"
+            ax.bar(k, m, color=color, yerr=err, capsize=4, alpha=0.8, label=label)
+            ax.plot([k] * n, s[FINAL + "val/acc"], "o", color="k", ms=3, alpha=0.6, label="_seed")
+            if FINAL + "train/acc" in s:
+                tm = float(s[FINAL + "train/acc"].mean())
+                ax.plot([k - 0.35, k + 0.35], [tm, tm], color="k", lw=2, label="mean final train/acc")
+            txt = f"{m:.3f}" + (f"\n[{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "") + f"\nn={n}"
+            ax.text(k, m / 2, txt, ha="center", va="center", fontsize=7, color="white")
+        ax.set_xticks([0, 1], ["learned", "fixed"])
+        ax.set_title(f"model.activation={act}", fontsize=9)
+        ax.set_ylim(0, 1.02)
+        _chance(ax)
+    axes[0, 0].set_ylabel("final val/acc (bars) and train/acc (black)")
+    return _finish(fig, title, notes)
+
+
+def fig_d2l_spread(runs: pd.DataFrame, curves: pd.DataFrame) -> Figure:
+    """Seed 004's two numbers against bnlab's spread: final val/acc of every seed with running
+    (EMA), precise and batch statistics (left), and val/acc per epoch of every seed with running
+    and precise statistics (right): how far one run's last-epoch number moves."""
+    title = "Dive into Deep Learning 7.5: seed 004's 0.878 and 0.796 against the spread over seeds and epochs"
+    ok, _, _ = split_runs(runs)
+    notes = _notes(runs, "not averaged")
+    if ok.empty or FINAL + "val/acc" not in ok:
+        return _empty(title, "no finished runs", notes)
+    fig, axes = _new(2, width=5.0, height=4.2, sharey=True)
+    ax, ax1 = axes[0]
+    cols = [(FINAL + "val/acc", "running (EMA) statistics", "tab:red"),
+            (FINAL + "val/acc_precise_bn", "precise BN", "tab:green"),
+            (FINAL + "val/acc_batch_stats", "batch statistics", "tab:blue")]
+    rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
+    for k, (col, label, color) in enumerate(cols):
+        if col not in ok:
+            continue
+        v = ok[col].dropna().to_numpy(float)
+        ax.plot(k + rng.uniform(-0.12, 0.12, len(v)), v, "o", color=color, ms=5, alpha=0.8, label=f"final val/acc, {label}")
+        m, lo, hi, n = interval(ok[col], col)
+        ax.errorbar([k + 0.3], [m], yerr=_yerr(m, lo, hi), fmt="_", color="k",
+                    capsize=4, ms=12, label="_mean")
+    for (name, v), ls in zip(D2L_REPORTED.items(), ("--", "-.")):
+        for a in (ax, ax1):
+            a.axhline(v, color="0.3", ls=ls, lw=1, label=f"{name}: test acc {v}")
+    ax.set_xticks(range(len(cols)), ["running", "precise", "batch"])
+    ax.set_title(f"final epoch, n={len(ok)} seeds (dot = seed; bar = mean, 95% CI)", fontsize=9)
+    ax.set_ylabel("val/acc")
+    okc = _usable_curves(curves)
+    for metric, color in (("val/acc", "tab:red"), ("val/acc_precise_bn", "tab:green")):
+        sub = okc[okc["metric"] == metric] if not okc.empty else okc
+        for rid, g in sub.groupby("run_id"):
+            g = g.sort_values("step")
+            ax1.plot(g["step"], g["value"], color=color, lw=0.7, alpha=0.6, label=f"_{metric}")
+    ax1.plot([], [], color="tab:red", lw=0.7, label="val/acc per epoch, running statistics (one line per seed)")
+    ax1.plot([], [], color="tab:green", lw=0.7, label="val/acc per epoch, precise BN (one line per seed)")
+    _epoch_axis(ax1)
+    ax1.set_title("every seed, every epoch", fontsize=9)
+    lo = float(np.nanmin([ok[c].min() for c, _, _ in cols if c in ok]))
+    ax.set_ylim(max(0.0, min(lo, 0.79) - 0.03), 0.95)
     return _finish(fig, title, notes)

@@ -1,5 +1,6 @@
-"""bnlab-report: every study's figures (PNG + SVG), summary.csv and a REPORT.md whose captions state
-the findings in numbers (mean ± 95% CI, n seeds), how to reproduce them and the code's git commit.
+"""bnlab-report: every study's figures (PNG + SVG), summary.csv and a REPORT.md whose sections open
+with a claim table (claims.py) and whose captions state the findings in numbers (mean and 95%
+interval, n seeds), how to reproduce them and the code's git commit.
 
     bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]
 
@@ -21,11 +22,14 @@ import numpy as np
 import pandas as pd
 
 from bnlab.analysis import figures as F
+from bnlab.analysis.claims import acc as acc_text
+from bnlab.analysis.claims import claims_table
 from bnlab.analysis.runs import FINAL, StoreNotFound, list_experiments, load_curves, load_runs
 from bnlab.config import DIVERGED_LOSS
 from bnlab.tracking import project_home, resolve_uri
 
-KNOWN_STUDIES = ["smoke", "update_ops", "momentum", "batch_size", "lr", "placement", "d2l"]
+KNOWN_STUDIES = ["smoke", "update_ops", "momentum", "batch_size", "lr", "placement", "d2l", "ema_vs_precise",
+                 "precise_samples", "norm_batch", "gamma_beta"]
 USAGE = "usage: bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]"
 DPI = 120
 
@@ -33,7 +37,10 @@ DPI = 120
 # ------------------------------------------------------------------------------ numbers in words
 
 def stat(values) -> str:
-    """'0.153 ± 0.021 (n=3)': mean ± 95% t-interval half-width over seeds; no ± for n=1."""
+    """'0.153 ± 0.021 (n=3)': mean ± 95% t-interval half-width over seeds; no ± for n=1. For an
+    accuracy (a Series named like final/val/acc) the logit-scale interval: '0.853 [0.840, 0.866] (n=3)'."""
+    if F.is_accuracy(str(getattr(values, "name", "") or "")):
+        return acc_text(values, str(values.name))
     m, ci, n = F.mean_ci(values)
     if n == 0:
         return "n/a"
@@ -127,6 +134,8 @@ def caption_momentum(runs, curves) -> str:
 def _agg(row) -> str:
     ci = row["ci"]
     n = int(row["n"])
+    if bool(row.get("bounded", False)) and np.isfinite(row.get("lo", np.nan)):
+        return f"{row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}] (n={n})"
     return f"{row['mean']:.3f} ± {ci:.3f} (n={n})" if np.isfinite(ci) else f"{row['mean']:.3f} (n={n})"
 
 
@@ -211,6 +220,70 @@ def caption_curves(runs, curves) -> str:
     return ("Last-epoch accuracy: " + "; ".join(lines) + ".") if lines else "No finished runs."
 
 
+def caption_ema_vs_precise(runs, curves) -> str:
+    wide = F.step_wide(curves)
+    if wide.empty:
+        return "No step-level metrics."
+    gaps = F.ema_gaps(wide)
+    changes = F._lr_changes(wide)
+    cut = changes[0] if changes else wide["step"].max() + 1
+    parts = []
+    for m, g in gaps.groupby("momentum"):
+        early = g[g["step"] < cut].groupby("run_id")["gap"].mean()
+        late = g[g["step"] > (changes[-1] if changes else cut)].groupby("run_id")["gap"].mean()
+        parts.append(f"momentum {m:g}: {stat(early)} before the first decay, {stat(late)} after the last")
+    return ("Precise-BN minus EMA val/acc on the step-level subset, averaged per run over the evaluations of each "
+            "phase (mean ± 95% CI over runs): " + "; ".join(parts) + ".")
+
+
+def caption_precise_samples(runs, curves) -> str:
+    ok, _, _ = F.split_runs(runs)
+    rows = F.precise_size_rows(ok)
+    if rows.empty:
+        return "No val/acc_precise_bn/<n> metrics."
+    parts = [f"{int(n)}: {stat(g['acc'].rename(FINAL + 'val/acc'))}" for n, g in rows.groupby("samples")]
+    return ("Precise-BN val/acc by calibration samples: " + "; ".join(parts)
+            + f". EMA running statistics: {stat(_col(ok, 'val/acc'))}.")
+
+
+def caption_norm_batch(runs, curves) -> str:
+    ok, _, _ = F.split_runs(runs)
+    if ok.empty:
+        return "No finished runs."
+    ok = ok.assign(_norm=F.norm_batch_size(ok), _frozen=F._frozen(ok))
+    parts = []
+    for (nb, fr), g in ok.groupby(["_norm", "_frozen"]):
+        if fr:  # a frozen model's val/acc uses the frozen population statistics it trained with
+            parts.append(f"FrozenBN at normalisation batch {nb:g}: train/acc (last epoch frozen) "
+                         f"{stat(_col(g, 'train/acc'))}, val/acc with the frozen statistics {stat(_col(g, 'val/acc'))}, "
+                         f"with mini-batch statistics {stat(_col(g, 'val/acc_batch_stats'))}")
+            continue
+        parts.append(f"BN at normalisation batch {nb:g}: train/acc {stat(_col(g, 'train/acc'))}, val/acc with "
+                     f"mini-batch statistics {stat(_col(g, 'val/acc_batch_stats'))}, with population statistics "
+                     f"{stat(_col(g, 'val/acc_precise_bn'))}, EMA {stat(_col(g, 'val/acc'))}")
+    return "Final accuracies: " + "; ".join(parts) + "."
+
+
+def caption_gamma_beta(runs, curves) -> str:
+    ok, _, _ = F.split_runs(runs)
+    if ok.empty:
+        return "No finished runs."
+    parts = [f"{act}, bn.affine={str(bool(aff)).lower()}: val/acc {stat(_col(g, 'val/acc'))}, train/acc "
+             f"{stat(_col(g, 'train/acc'))}" for (act, aff), g in ok.groupby(["model.activation", "bn.affine"])]
+    return "Final accuracies: " + "; ".join(parts) + "."
+
+
+def caption_d2l_spread(runs, curves) -> str:
+    ok, _, _ = F.split_runs(runs)
+    if ok.empty:
+        return "No finished runs."
+    v = ok[FINAL + "val/acc"].dropna()
+    p = ok[FINAL + "val/acc_precise_bn"].dropna() if FINAL + "val/acc_precise_bn" in ok else v.iloc[:0]
+    return (f"Final val/acc over {len(v)} seeds: running statistics {stat(v)}, range {v.min():.3f}-{v.max():.3f}, "
+            f"SD {v.std(ddof=1):.3f}; precise BN {stat(p)}, range {p.min():.3f}-{p.max():.3f}, SD "
+            f"{p.std(ddof=1):.3f}; train/acc {stat(_col(ok, 'train/acc'))}. Seed 004 reports 0.878 and 0.796.")
+
+
 # ------------------------------------------------------------------------------ what each study shows
 
 @dataclass
@@ -238,7 +311,16 @@ STUDY_FIGURES: Dict[str, List[FigureSpec]] = {
     "lr": [FigureSpec("lr", lambda r, c: F.fig_lr(r), caption_lr)],
     "placement": [FigureSpec("placement", F.fig_placement, caption_placement)],
     "d2l": [FigureSpec("curves", lambda r, c: F.fig_curves(
-        c, title="Dive into Deep Learning 7.5 (LeNet-BN): accuracy per epoch", runs=r), caption_curves)],
+        c, metrics=("train/acc", "val/acc", "val/acc_precise_bn", "val/acc_batch_stats"),
+        title="Dive into Deep Learning 7.5 (LeNet-BN): accuracy per epoch with running, precise and batch statistics",
+        runs=r), lambda r, c: "Last-epoch accuracy: " + "; ".join(
+            _group_finals(c, ["train/acc", "val/acc", "val/acc_precise_bn", "val/acc_batch_stats"])) + "."),
+            FigureSpec("spread", F.fig_d2l_spread, caption_d2l_spread)],
+    "ema_vs_precise": [FigureSpec("ema_vs_precise", lambda r, c: F.fig_ema_vs_precise(c, runs=r),
+                                  caption_ema_vs_precise)],
+    "precise_samples": [FigureSpec("precise_samples", lambda r, c: F.fig_precise_samples(r), caption_precise_samples)],
+    "norm_batch": [FigureSpec("norm_batch", lambda r, c: F.fig_norm_batch(r), caption_norm_batch)],
+    "gamma_beta": [FigureSpec("gamma_beta", lambda r, c: F.fig_gamma_beta(r), caption_gamma_beta)],
     "smoke": [FigureSpec("curves", lambda r, c: F.fig_curves(
         c, title="Smoke study: the pipeline runs end to end", runs=r), caption_curves)],
 }
@@ -333,24 +415,24 @@ def reproduce_text(study: str) -> str:
 
 # ------------------------------------------------------------------------------ writing
 
-def store_text(uri: str) -> str:
-    """The store as REPORT.md shows it (a committed file): a SQLite path relative to the project,
-    or only its file name when it lies elsewhere; never an absolute path of this machine."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).resolve()
-        try:
-            return f"sqlite:///{path.relative_to(project_home().resolve()).as_posix()}"
-        except ValueError:
-            return f"sqlite:///.../{path.name}"
-    return safe_uri(uri)
-
-
 def safe_uri(uri: str) -> str:
     """The URI without a user:password@ part (REPORT.md is committed)."""
     scheme, sep, rest = uri.partition("://")
     if sep and "@" in rest.split("/", 1)[0]:
         rest = rest.split("@", 1)[1]
     return f"{scheme}{sep}{rest}"
+
+
+def store_text(uri: str) -> str:
+    """The store as REPORT.md shows it: a SQLite file inside the project as sqlite:///<relative
+    path> (no machine's absolute path in a committed file), anything else without credentials."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            return f"sqlite:///{path.resolve().relative_to(project_home().resolve()).as_posix()} (in the project)"
+        except ValueError:
+            return f"sqlite:///.../{path.name} (outside the project)"
+    return safe_uri(uri)
 
 
 def _save(fig, base: Path) -> List[Path]:
@@ -391,7 +473,7 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
     summary = summary_table(runs)
     summary.to_csv(folder / "summary.csv", index=False)
     log(f"[{study}] wrote {folder / 'summary.csv'} ({len(summary)} config groups)")
-    lines = [f"## {study}", ""]
+    lines = [f"## {study}", ""] + claims_table(study, runs, curves)
     q = study_question(study)
     if q:
         lines += [f"**Question.** {q}", ""]
@@ -399,7 +481,8 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
               f"- Reproduce: {reproduce_text(study)}",
               f"- Code: {commits_text(runs)}",
               f"- Store: `{store_text(uri)}`, report generated {time.strftime('%Y-%m-%d %H:%M %Z')}",
-              f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)", ""]
+              f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)",
+              "- Intervals: accuracies on the logit scale, other quantities mean ± t half-width (see the header)", ""]
     failed = 0
     for spec in figures_for(study):
         if not spec.needs(runs, curves):
@@ -445,8 +528,12 @@ def assemble(out: Path, studies_first: Sequence[str]) -> Path:
     sections = {p.parent.name: p for p in out.glob("*/section.md")}
     order = [s for s in studies_first if s in sections] + sorted(s for s in sections if s not in studies_first)
     head = ["# bnlab report", "",
-            "Generated by `bnlab-report` from the MLflow runs. Every number is the mean ± the half-width of "
-            "the 95% t-interval over seeds, with n the number of seeds (no interval for n = 1). Runs that "
+            "Generated by `bnlab-report` from the MLflow runs. Every number is a mean over seeds with its 95% "
+            f"interval and n the number of seeds (no interval for n = 1). Intervals: {F.CI_METHOD}. In the "
+            f"figures, where a group has at most {F.SEED_LINES_MAX_N} seeds each seed is also drawn as a thin line. "
+            "Each study section opens with a table: the claim and its source, what bnlab measured, and whether "
+            "they agree by the rule stated in the row (sections without an 'Intervals' line were written by an "
+            "earlier bnlab-report: mean ± the 95% t half-width for every quantity, and no claim table). Runs that "
             "failed, were killed or are still running are left out and counted; diverged runs are marked "
             "in the figures and not averaged. Each section gives the command that reproduces it and the "
             "git commit of its runs.", ""]

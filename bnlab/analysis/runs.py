@@ -18,7 +18,8 @@ Frames (one row per run; sweep parent runs and deleted runs are left out):
   final/<metric>      the metric's value at its last step (MLflow's latest metric)
   tags.<key>          every tag as logged (tags.bnlab.overrides, tags.mlflow.parentRunId, ...)
 load_curves: one row per logged point: run_id, metric, step, value, then the run columns above
-(without final/* and tags.*). MLflow stores NaN as is_nan and +-inf as +-1.8e308: both come back
+(without final/* and tags.*). `step` is the epoch for epoch-level metrics (no prefix) and the
+global SGD step for step-level ones (prefix step/, train.eval_every); figures.step_wide pivots those. MLflow stores NaN as is_nan and +-inf as +-1.8e308: both come back
 as NaN / +-inf.
 """
 from __future__ import annotations

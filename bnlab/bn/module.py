@@ -15,6 +15,7 @@ from bnlab.bn.functional import (
     _check_choice, _check_eps, _check_fraction, _values_per_channel, batch_stats, ema_update,
     momentum_from_decay, normalize,
 )
+from bnlab.bn.ghost import check_ghost_batch_size, ghost_chunks
 
 # ----------------------------------------------------------------------------- module
 
@@ -33,6 +34,15 @@ class BatchNorm(nn.Module):
         functions of this module; the two agree to rounding.
     shadow_momenta: extra EMAs of the same batch statistics (buffers shadow_mean and shadow_var or
         shadow_std, shape (K, C)); see use_shadow. They never affect training outputs.
+    ghost_batch_size: ghost batch normalisation (Hoffer, Hubara & Soudry 2017): in training each
+        batch is cut into consecutive chunks of this many examples (bn.ghost.ghost_chunks) and
+        each chunk is normalised with its own statistics, exactly as if the module ran on each
+        chunk in turn: the running (and shadow) averages take one update per chunk, in order, and
+        num_batches_tracked counts chunks. Evaluation with eval_stats="batch" uses the same
+        chunks (the statistics a test in training mode would see); running-statistics
+        evaluation and precise BN do not depend on it. None = the whole batch.
+    frozen: set by bn.freeze (FrozenBN, Wu & Johnson 2021): training mode then normalises with
+        the running statistics, which no longer change (no buffer is updated).
     The mode comes from self.training only; in evaluation, `eval_stats` ("running" or "batch")
     chooses between the running statistics and the batch's own (without touching any buffer).
     Input of dtype float16/bfloat16 is normalised in float32 and the output cast back.
@@ -44,7 +54,8 @@ class BatchNorm(nn.Module):
     def __init__(self, num_features: int, *, momentum: Optional[float] = 0.1, eps: float = 1e-5,
                  affine: bool = True, running_var: str = "unbiased", track: str = "var",
                  update_stats: bool = True, impl: str = "native",
-                 shadow_momenta: Sequence[Optional[float]] = ()) -> None:
+                 shadow_momenta: Sequence[Optional[float]] = (),
+                 ghost_batch_size: Optional[int] = None) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
@@ -62,6 +73,8 @@ class BatchNorm(nn.Module):
         self.shadow_momenta = tuple(_check_fraction(f"shadow_momenta[{k}]", m, allow_none=True)
                                     for k, m in enumerate(shadow_momenta))
         self._eval_stats = "running"
+        self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
+        self.frozen = False  # FrozenBN: see bn.freeze
         self._active_shadow: Optional[int] = None  # set by use_shadow while shadow k is swapped in
         self._shadow_w: Dict[Tuple[torch.dtype, torch.device], Tuple[Tensor, Tensor]] = {}
 
@@ -119,6 +132,10 @@ class BatchNorm(nn.Module):
                  f"track={self.track!r}", f"update_stats={self.update_stats}", f"impl={self.impl!r}"]
         if self.shadow_momenta:
             parts.append(f"shadow_momenta={self.shadow_momenta}")
+        if self.ghost_batch_size is not None:
+            parts.append(f"ghost_batch_size={self.ghost_batch_size}")
+        if self.frozen:
+            parts.append("frozen=True")
         if self._eval_stats != "running":
             parts.append(f"eval_stats={self._eval_stats!r}")
         return ", ".join(parts)
@@ -188,24 +205,41 @@ class BatchNorm(nn.Module):
                 # As torch: one value per channel has zero variance and no unbiased estimate.
                 raise ValueError(f"input must have more than 1 value per channel in training mode, "
                                  f"got shape {tuple(x.shape)}")
-            y = self._forward_train(x, weight, bias, n)
+            if self.frozen:
+                # FrozenBN: fixed population statistics in training too; nothing is updated.
+                y = self._normalize_running(x, weight, bias)
+            elif self.ghost_batch_size is not None and x.shape[0] > self.ghost_batch_size:
+                # One ordinary BN training step per ghost batch, in order (see the class docstring).
+                y = torch.cat([self._forward_train(c, weight, bias, _values_per_channel(c))
+                               for c in ghost_chunks(x, self.ghost_batch_size)])
+            else:
+                y = self._forward_train(x, weight, bias, n)
         elif self._eval_stats == "batch":
-            # "Testing in training mode": the batch's own statistics, buffers untouched.
-            # F.batch_norm refuses a single value per channel, so that degenerate case (where
-            # every output collapses to beta) goes through the from-scratch path.
-            if self.impl == "native" and n > 1:
-                y = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            # "Testing in training mode": the batch's own statistics (per ghost batch, if any),
+            # buffers untouched.
+            g = self.ghost_batch_size
+            if g is not None and x.shape[0] > g:
+                y = torch.cat([self._batch_stats_output(c, weight, bias) for c in ghost_chunks(x, g)])
             else:
-                mean, var = batch_stats(x)
-                y = normalize(x, mean, var, weight, bias, self.eps)
+                y = self._batch_stats_output(x, weight, bias)
         else:
-            mean, var = self.running_stats()
-            mean, var = mean.to(x.dtype), var.to(x.dtype)
-            if self.impl == "native":
-                y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
-            else:
-                y = normalize(x, mean, var, weight, bias, self.eps)
+            y = self._normalize_running(x, weight, bias)
         return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def _batch_stats_output(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        # F.batch_norm refuses a single value per channel, so that degenerate case (where every
+        # output collapses to beta) goes through the from-scratch path.
+        if self.impl == "native" and _values_per_channel(x) > 1:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        mean, var = batch_stats(x)
+        return normalize(x, mean, var, weight, bias, self.eps)
+
+    def _normalize_running(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        mean, var = self.running_stats()
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        if self.impl == "native":
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+        return normalize(x, mean, var, weight, bias, self.eps)
 
     def _forward_train(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], n: int) -> Tensor:
         if self._native_updates_running(x):
