@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,30 @@ def runs_of(home: Path, experiment: str, uri: str | None = None):
     exp = c.get_experiment_by_name(experiment)
     assert exp is not None, f"experiment {experiment!r} not found"
     return c, c.search_runs([exp.experiment_id], max_results=10000)
+
+
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_server(tmp_path: Path, port: int, workers: int = 1) -> subprocess.Popen:
+    """A loopback `mlflow server` over a temporary SQLite store, in its own session (kill its group),
+    without MLflow's GenAI job workers; returns once /health answers (90 s at most)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("mlflow server did not start")
+            time.sleep(1)

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from conftest import BIN, cli, runs_of, store_uri
+from conftest import BIN, cli, free_port, mlflow_server, runs_of, store_uri
 
 FAST = ["train.threads=1"]
 
@@ -73,29 +70,11 @@ def test_two_sweeps_at_once_on_an_existing_store(home):
     assert len(fin) == 7 and set(fin.values()) == {1}, fin
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_sweeps_at_once_through_one_server(home, tmp_path):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    server = mlflow_server(tmp_path, port, workers=2)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(1)
         codes, outs = _two_at_once(home, ["study=smoke", f"tracking.uri={uri}", *FAST])
         assert codes == [0, 0], outs
         _assert_once(home, outs, 4, uri=uri)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, runs_of
+from conftest import BIN, free_port, mlflow_server, runs_of
 
 FAST = ["train.threads=1"]
 # Eight jobs of about a second each: time enough to break the store after the first one.
@@ -120,32 +119,11 @@ def test_disk_full_mid_sweep(home, tmp_path):
         _umount(mnt)
 
 
-def _server(tmp_path: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-
-
 def test_server_dies_mid_sweep_bounded_time(home, tmp_path):
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _server(tmp_path, port)
+    server = mlflow_server(tmp_path, port)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(1)
         log = tmp_path / "out.txt"
         proc = _launch(home, [*SWEEP, f"tracking.uri={uri}"], log)
         try:

@@ -6,16 +6,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 
-import pytest
-
-from conftest import BIN, cli, runs_of, store_uri
+from conftest import BIN, cli, free_port, mlflow_server, runs_of
 
 FAST = ["train.threads=1"]
 
@@ -66,30 +61,11 @@ def test_joblib_eight_jobs_four_at_a_time_on_a_fresh_store(home):
     assert {k.data.tags["bnlab.threads"] for k in kids} == {str(max(1, (os.cpu_count() or 1) // 4))}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_joblib_through_a_real_mlflow_server(home, tmp_path):
-    port = _free_port()
-    db = tmp_path / "server.db"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                               "--artifacts-destination", str(tmp_path / "art"), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    port = free_port()
+    server = mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(1)
         r = cli("bnlab-train", "study=smoke", "seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
                 f"tracking.uri={uri}", home=home, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
