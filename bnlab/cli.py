@@ -287,12 +287,13 @@ def study_header(name: str) -> Tuple[str, str]:
 
 
 def help_text() -> str:
-    lines = ["bnlab-train: train LeNet/MLP with Batch Normalization variants; every run goes to MLflow.", "",
+    lines = ["bnlab-train: train a network (LeNet, MLP, ResNet-20 or your own) with Batch Normalization variants; "
+             "every run goes to MLflow.", "",
              "Studies (bnlab-train study=NAME runs the whole sweep; one study per command):"]
     for name in available_studies():
         q, size = study_header(name)
-        lines.append(textwrap.fill(f"{name:<11} {q}" + (f" [{size}]" if size else ""), width=100,
-                                   initial_indent="  ", subsequent_indent=" " * 14))
+        lines.append(textwrap.fill(f"{name:<15} {q}" + (f" [{size}]" if size else ""), width=100,
+                                   initial_indent="  ", subsequent_indent=" " * 18))
     lines += ["", "Examples:",
               "  bnlab-train                                   one run: LeNet-BN as in d2l 7.5",
               "  bnlab-train bn.momentum=0.01 data.batch_size=32 optim.lr=0.1",
