@@ -71,7 +71,10 @@ KEY_ALIASES = {
     "bn.decay": "decay", "bn.update_stats": "update", "model.activation": "act", "model.name": "model",
     "data.name": "data", "train.epochs": "ep", "data.train_subset": "n", "optim.momentum": "sgd_mom",
     "optim.weight_decay": "wd", "bn.precise_samples": "precise", "bn.shadow_momenta": "shadows",
-    "bn.running_var": "var", "bn.impl": "impl",
+    "bn.running_var": "var", "bn.impl": "impl", "bn.affine": "gb", "bn.ghost_batch_size": "gh",
+    "bn.freeze_at": "fz", "model.pool": "pool", "optim.schedule": "sched", "optim.gamma": "gamma",
+    "optim.milestones": "miles", "optim.warmup_epochs": "warm", "train.eval_every": "every",
+    "bn.precise_sizes": "sizes",
 }
 VALUE_ALIASES = {"before_act": "pre", "after_act": "post", "sigmoid": "sigm", "true": "on",
                  "false": "off", "None": "null"}

@@ -446,6 +446,9 @@ class BackgroundTracker:
         self._call("set_tags", dict(tags))
 
     def log_model(self, state, config_text: str) -> None:
+        # A tracker of the user's own (train(cfg, tracker)) need not keep models: skip it then.
+        if not hasattr(self.tracker, "log_model"):
+            return
         self._call("log_model", dict(state), config_text)
 
     def flush(self) -> None:
