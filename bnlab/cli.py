@@ -319,7 +319,11 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
     _prepare_env()
     bound_http_retries()
     if "--help" in args or "-h" in args:
-        print(help_text(), flush=True)
+        try:
+            print(help_text(), flush=True)
+        except BrokenPipeError:  # `bnlab-train --help | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
     if not _INFO_FLAGS.intersection(args):
         try:
             n, multirun = preflight(args)
