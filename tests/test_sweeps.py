@@ -126,7 +126,9 @@ def test_sigkill_then_relaunch_gives_one_finished_run_per_grid_point(home):
 def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
     proc = _launch(home, SLOW_SMOKE)
     try:
-        _wait_for(home, "smoke", lambda ks: any(k.info.status == "RUNNING" for k in ks), proc)
+        # A run in training (it has logged an epoch), not one that has only claimed its grid point.
+        _wait_for(home, "smoke", lambda ks: any(k.info.status == "RUNNING" and "train/loss" in k.data.metrics
+                                                for k in ks), proc)
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
     finally:
