@@ -124,7 +124,8 @@ def test_sigkill_then_relaunch_gives_one_finished_run_per_grid_point(home):
 
 
 def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
-    proc = _launch(home, SLOW_SMOKE)
+    # Long enough (minutes) that the interrupt always lands while a run trains, however fast the machine.
+    proc = _launch(home, [*SLOW_SMOKE, "train.epochs=1000"])
     try:
         # A run in training (it has logged an epoch), not one that has only claimed its grid point.
         _wait_for(home, "smoke", lambda ks: any(k.info.status == "RUNNING" and "train/loss" in k.data.metrics
