@@ -21,12 +21,16 @@ _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--in
                "--shell-completion", "-sc", "--resolve", "--package", "-p"}
 
 
+CONF_SOURCE = "pkg://bnlab.conf"  # the packaged config tree (bnlab/conf), Hydra's primary config source
+
+
 def conf_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "conf"
+    """The packaged config folder (bnlab/conf)."""
+    return Path(__file__).resolve().parent / "conf"
 
 
 def _prepare_env() -> None:
-    # conf/train.yaml places Hydra's job folders under ${oc.env:BNLAB_HOME}; an environment
+    # bnlab/conf/train.yaml places Hydra's job folders under ${oc.env:BNLAB_HOME}; an environment
     # variable (not a resolver) so that joblib/submitit worker processes resolve it too.
     os.environ.setdefault("BNLAB_HOME", str(project_home()))
     from bnlab.config import register_configs
@@ -269,7 +273,7 @@ def _summary(m: Dict[str, float], tracker) -> None:
 
 
 def study_header(name: str) -> Tuple[str, str]:
-    """(question, size) from the header comments of conf/study/<name>.yaml."""
+    """(question, size) from the header comments of bnlab/conf/study/<name>.yaml."""
     question, size, on = [], "", False
     for line in (conf_dir() / "study" / f"{name}.yaml").read_text().splitlines():
         if not line.startswith("#"):
@@ -307,7 +311,7 @@ def help_text() -> str:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> None:
-    """bnlab-train: Hydra's command line over conf/train.yaml (`-m` or `study=NAME` for sweeps)."""
+    """bnlab-train: Hydra's command line over bnlab/conf/train.yaml (`-m` or `study=NAME` for sweeps)."""
     import hydra
 
     from bnlab import sweep
@@ -334,6 +338,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
             print(f"bnlab-train: {n} job(s) validated", flush=True)
             os.environ["BNLAB_N_JOBS"] = str(n)
     sys.argv = [sys.argv[0]] + args
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(_task)()
+    hydra.main(version_base="1.3", config_path=CONF_SOURCE, config_name="train")(_task)()
     if sweep.LAST_RESULT is not None and sweep.LAST_RESULT.failed:
         sys.exit(1)

@@ -331,7 +331,7 @@ class TrackingConfig:
     uri: Optional[str] = None
     # MLflow experiment; a study sets it to the study's name.
     experiment: str = "bnlab"
-    # The study this run belongs to (set by conf/study/*.yaml); null for a single run.
+    # The study this run belongs to (set by bnlab/conf/study/*.yaml); null for a single run.
     study: Optional[str] = None
     # Relaunching skips a job whose config hash already has a FINISHED run in the experiment.
     resume: bool = True

@@ -144,11 +144,11 @@ def parent_name(study: str, launched: Optional[float] = None) -> str:
 # ------------------------------------------------------------------------------- descriptions
 
 def study_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "conf" / "study"
+    return Path(__file__).resolve().parent / "conf" / "study"
 
 
 def study_header(study: str) -> Dict[str, str]:
-    """The `# Key: text` lines at the top of conf/study/<study>.yaml (Question, Run, Report, Size),
+    """The `# Key: text` lines at the top of bnlab/conf/study/<study>.yaml (Question, Run, Report, Size),
     continuation lines (`#   ...`) joined; {} for an unknown study."""
     f = study_dir() / f"{study}.yaml"
     if not f.is_file():

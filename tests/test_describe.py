@@ -13,7 +13,7 @@ from bnlab import describe as D
 from bnlab.config import BNConfig, Config, DataConfig, DataName, ModelConfig, ModelName, Placement, flatten, to_plain
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted(p.stem for p in (ROOT / "conf" / "study").glob("*.yaml"))
+STUDIES = sorted(p.stem for p in (ROOT / "bnlab" / "conf" / "study").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def _grids():
     """Every study's grid, and the explicit grids its header documents (e.g. momentum's 72 runs)."""
     for s in STUDIES:
         yield s, [f"study={s}"]
-        for line in (ROOT / "conf" / "study" / f"{s}.yaml").read_text().splitlines():
+        for line in (ROOT / "bnlab" / "conf" / "study" / f"{s}.yaml").read_text().splitlines():
             m = re.search(r"bnlab-train (study=\S+ \S+=\S*,\S*)", line)
             if m:
                 yield s, m.group(1).split()

@@ -117,10 +117,10 @@ def test_help_names_the_studies_then_hydra(home):
     r = cli("bnlab-train", "--help", home=home, timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    studies = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "study").glob("*.yaml"))
+    studies = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "bnlab" / "conf" / "study").glob("*.yaml"))
     for s in studies:
         assert f"\n  {s} " in out, s
-    assert "54 runs" in " ".join(out.split())  # the size from conf/study/lr.yaml's header
+    assert "54 runs" in " ".join(out.split())  # the size from bnlab/conf/study/lr.yaml's header
     assert "bnlab/config.py" in out
     # bnlab's text first, then Hydra's own help
     assert out.index("bnlab/config.py") < out.index("Powered by Hydra")

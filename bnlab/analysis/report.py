@@ -4,7 +4,7 @@ interval, n seeds), how to reproduce them and the code's git commit.
 
     bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]
 
-Defaults: every known study (conf/study/*.yaml) that has runs, the project's store, <project>/results.
+Defaults: every known study (bnlab/conf/study/*.yaml) that has runs, the project's store, <project>/results.
 A study section already in DIR is never replaced by one with fewer runs used in the means (a store
 with fewer or only failed runs) unless --force is given; each config hash counts once.
 """
@@ -26,6 +26,7 @@ from bnlab.analysis.claims import acc as acc_text
 from bnlab.analysis.claims import claims_table
 from bnlab.analysis.runs import FINAL, StoreNotFound, list_experiments, load_curves, load_runs
 from bnlab.config import DIVERGED_LOSS
+from bnlab.describe import study_dir
 from bnlab.tracking import project_home, resolve_uri
 
 KNOWN_STUDIES = ["smoke", "update_ops", "momentum", "batch_size", "lr", "placement", "d2l", "ema_vs_precise",
@@ -338,8 +339,8 @@ def known_studies() -> List[str]:
 
 
 def study_question(study: str) -> str:
-    """The '# Question:' header of conf/study/<study>.yaml (with its continuation lines), if any."""
-    f = project_home() / "conf" / "study" / f"{study}.yaml"
+    """The '# Question:' header of bnlab/conf/study/<study>.yaml (with its continuation lines), if any."""
+    f = study_dir() / f"{study}.yaml"
     if not f.is_file():
         return ""
     out, on = [], False
@@ -407,7 +408,7 @@ def runs_text(runs: pd.DataFrame) -> str:
 
 
 def reproduce_text(study: str) -> str:
-    if study in STUDY_FIGURES or (project_home() / "conf" / "study" / f"{study}.yaml").is_file():
+    if study in STUDY_FIGURES or (study_dir() / f"{study}.yaml").is_file():
         return f"`bnlab-train study={study}` then `bnlab-report study={study}`"
     return (f"each run's overrides are in its tag bnlab.overrides (`bnlab-train <overrides> "
             f"tracking.experiment={study}`), then `bnlab-report study={study}`")
