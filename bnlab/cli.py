@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from bnlab import studies
 from bnlab.config import Config, ConfigError, DataName
 from bnlab.tracking import TAG, project_home
 
@@ -21,21 +22,82 @@ _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--in
                "--shell-completion", "-sc", "--resolve", "--package", "-p"}
 
 
-CONF_SOURCE = "pkg://bnlab.conf"  # the packaged config tree (bnlab/conf), Hydra's primary config source
+CONF_SOURCE = studies.BUILTIN  # the packaged config tree (bnlab/conf), Hydra's primary config source
 
 
 def conf_dir() -> Path:
     """The packaged config folder (bnlab/conf)."""
-    return Path(__file__).resolve().parent / "conf"
+    return studies.builtin_dir()
 
 
 def _prepare_env() -> None:
     # bnlab/conf/train.yaml places Hydra's job folders under ${oc.env:BNLAB_HOME}; an environment
     # variable (not a resolver) so that joblib/submitit worker processes resolve it too.
-    os.environ.setdefault("BNLAB_HOME", str(project_home()))
+    if not os.environ.get("BNLAB_HOME"):
+        os.environ["BNLAB_HOME"] = str(project_home())
     from bnlab.config import register_configs
 
     register_configs()
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def searchpath_override() -> str:
+    """hydra.searchpath=[...] with the user's config sources (studies.user_sources)."""
+    return "hydra.searchpath=[" + ",".join(_quote(s) for s in studies.user_sources()) + "]"
+
+
+def user_config(args: Sequence[str]) -> List[str]:
+    """Fold the user's config folders into one search path: Hydra's own --config-dir/-cd and
+    hydra.searchpath=[...] go to $BNLAB_CONFIG_DIR (so that every check, the help, the descriptions
+    and the worker processes see them), and the command gets one hydra.searchpath override with
+    every user source (studies.user_sources: those, $BNLAB_CONFIG_DIR, <project>/conf)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out, added, i = [], [], 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        flag, eq, value = a.partition("=")
+        if flag in ("--config-path", "-cp"):
+            raise ConfigError(f"{flag} replaces bnlab's own configs; add yours with --config-dir DIR, "
+                              f"${studies.ENV}=DIR or a conf/ folder in the project folder")
+        if flag in ("--config-dir", "-cd"):
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{flag} needs a folder")
+                value, i = args[i + 1], i + 1
+            if not Path(value).expanduser().is_dir():
+                raise ConfigError(f"{flag}: no such folder {value!r}")
+            added.append(str(Path(value).expanduser().resolve()))
+        elif a.startswith("hydra.searchpath="):
+            try:
+                paths = OverridesParser.create().parse_overrides([a])[0].value()
+            except Exception as e:  # noqa: BLE001 - Hydra's grammar errors
+                raise ConfigError(f"hydra.searchpath must be a list such as [file://DIR], got {a[17:]!r}") from e
+            if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+                raise ConfigError(f"hydra.searchpath must be a list such as [file://DIR], got {a[17:]!r}")
+            added += [x if x.startswith("pkg://") else studies._as_source(x)[len("file://"):] for x in paths]
+        else:
+            out.append(a)
+        i += 1
+    if added:
+        before = [e for e in os.environ.get(studies.ENV, "").split(os.pathsep) if e]
+        os.environ[studies.ENV] = os.pathsep.join(added + [e for e in before if e not in added])
+    return out + ([searchpath_override()] if studies.user_sources() else [])
+
+
+def _compose(overrides: Sequence[str], return_hydra_config: bool = False):
+    """Compose train.yaml from the packaged configs and the user's (as bnlab-train does)."""
+    from hydra import compose, initialize_config_module
+
+    ovr = [o for o in overrides if not o.startswith("hydra.searchpath=")]
+    if studies.user_sources():
+        ovr.append(searchpath_override())
+    with initialize_config_module("bnlab.conf", version_base="1.3"):
+        return compose("train", overrides=ovr, return_hydra_config=return_hydra_config)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -58,14 +120,11 @@ def _error_line(e: BaseException) -> str:
 def expand_jobs(overrides: Sequence[str]) -> Tuple[List[List[str]], bool]:
     """The override list of every job the command would launch (the basic sweeper's cartesian
     product of the command line and the study's hydra.sweeper.params), and whether it is a multirun."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        fixed = [o for o, p in zip(overrides, parser.parse_overrides(list(overrides)))
-                 if not p.is_sweep_override()]
-        full = compose("train", overrides=fixed, return_hydra_config=True)
+    fixed = [o for o, p in zip(overrides, parser.parse_overrides(list(overrides))) if not p.is_sweep_override()]
+    full = _compose(fixed, return_hydra_config=True)
     multirun = str(full.hydra.mode) == "RunMode.MULTIRUN"
     params: Dict[str, List[str]] = {}
     study_params = full.hydra.sweeper.get("params") or {}
@@ -77,19 +136,21 @@ def expand_jobs(overrides: Sequence[str]) -> Tuple[List[List[str]], bool]:
         vals = list(p.sweep_string_iterator()) if p.is_sweep_override() else [p.get_value_element_as_str()]
         params[key] = [f"{key}={v}" for v in vals]  # the command line wins over the study
     grid = [list(c) for c in itertools.product(*params.values())] or [[]]
-    hydra_only = [o for o in overrides if o.split("=")[0].lstrip("+~").startswith("hydra")]
+    hydra_only = [o for o in overrides if o.split("=")[0].lstrip("+~").startswith("hydra")
+                  and not o.startswith("hydra.searchpath=")]
     return [hydra_only + g for g in grid], multirun
 
 
 def validate_job(job: List[str]) -> Config:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     keys = {o.split("=", 1)[0].lstrip("+~") for o in job}
     if "bn.momentum" in keys and "bn.decay" in keys:
         raise ConfigError("set bn.momentum or bn.decay, not both")
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        dcfg = compose("train", overrides=[o for o in job if not o.startswith("hydra")])
+    dcfg = _compose([o for o in job if not o.startswith("hydra")], return_hydra_config=True)
+    check_shadowing(dict(dcfg.hydra.runtime.choices))
+    with open_dict(dcfg):
+        del dcfg["hydra"]  # what compose(return_hydra_config=False) returns
     # `+key=value` opens a structured node, and to_object would then drop the key silently.
     from bnlab.config import flatten, to_plain
 
@@ -102,22 +163,37 @@ def validate_job(job: List[str]) -> Config:
 
 
 def available_studies() -> List[str]:
-    return sorted(p.stem for p in (conf_dir() / "study").glob("*.yaml"))
+    return studies.options("study")
+
+
+def check_shadowing(choices: Dict[str, Optional[str]]) -> None:
+    """Hydra's search path cannot shadow a packaged config: a user file named like a built-in one
+    that the command selects (or a user train.yaml) would be silently ignored. Refused instead."""
+    for group, name in [("", "train")] + [(g, n) for g, n in choices.items() if n and not g.startswith("hydra")]:
+        clash = studies.shadowing(group, str(name))
+        if clash:
+            what = f"built-in {group}={name}" if group else "primary config train.yaml"
+            raise ConfigError(f"{clash} has the name of bnlab's {what}, which Hydra would compose instead "
+                              f"(a packaged config cannot be shadowed): rename your file")
 
 
 def check_study(overrides: Sequence[str]) -> None:
     """One known study per command (several would share one sweep, parent run and experiment)."""
-    studies = available_studies()
+    known = available_studies()
     for o in overrides:
         key, _, value = o.partition("=")
         if key.lstrip("+~") != "study":
             continue
+        if key.startswith("+"):
+            raise ConfigError(f"{key}: study is a config group bnlab-train always has; write study={value} (no +)")
         if "," in value or value.strip().startswith(("choice(", "range(", "glob(")):
             names = re.sub(r"^\w+\((.*)\)$", r"\1", value.strip()).split(",")
             raise ConfigError(f"study: one study per command, got {value!r}; run them one by one: "
                               + "; ".join(f"bnlab-train study={n.strip()}" for n in names if n.strip()))
-        if value not in studies:
-            raise ConfigError(f"study must be one of {', '.join(studies)}, got {value!r}")
+        if value not in known:
+            where = ", ".join(s.replace("file://", "") for s in studies.user_sources()) or "none"
+            raise ConfigError(f"study must be one of {', '.join(known)}, got {value!r} (study/ of bnlab's configs "
+                              f"and of your config folders: {where}; add one with --config-dir DIR or ./conf)")
 
 
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
@@ -191,7 +267,26 @@ def preflight(args: Sequence[str]) -> Tuple[int, bool]:
     preflight_data(cfgs)
     for uri in {c.tracking.uri for c in cfgs}:
         check_store(uri)
+    _URIS[:] = sorted({c.tracking.uri or "" for c in cfgs})
     return len(cfgs), multirun
+
+
+_URIS: List[str] = []  # the stores of the command's jobs ("" = the default), for store_hint
+
+
+def store_hint(uris: Sequence[str]) -> str:
+    """The one line that points MLflow's own tools (mlflow ui, mlflow runs list) at the store."""
+    from bnlab.tracking import resolve_uri, sqlite_path
+
+    uri = resolve_uri((list(uris) or [""])[0] or None)
+    path = sqlite_path(uri)
+    if path is not None:
+        try:
+            uri = f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve()).as_posix()}"
+        except ValueError:
+            pass
+    return (f"bnlab-train: MLflow's own tools on these runs: export MLFLOW_TRACKING_URI={uri} "
+            f"MLFLOW_BACKEND_STORE_URI={uri}  (then mlflow ui, mlflow runs list; or bnlab-ui)")
 
 
 # ---------------------------------------------------------------------------------- the job
@@ -273,21 +368,8 @@ def _summary(m: Dict[str, float], tracker) -> None:
 
 
 def study_header(name: str) -> Tuple[str, str]:
-    """(question, size) from the header comments of bnlab/conf/study/<name>.yaml."""
-    question, size, on = [], "", False
-    for line in (conf_dir() / "study" / f"{name}.yaml").read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        if line.startswith("# Question:"):
-            on = True
-            question.append(line[len("# Question:"):].strip())
-        elif on and line.startswith("#   "):
-            question.append(line[1:].strip())
-        else:
-            on = False
-            if line.startswith("# Run:") and "(" in line:
-                size = line[line.index("(") + 1:line.rindex(")")]
-    return " ".join(question), size
+    """(question, size) from the header comments of a study file (studies.run_size)."""
+    return studies.run_size(name)
 
 
 def help_text() -> str:
@@ -296,8 +378,12 @@ def help_text() -> str:
              "Studies (bnlab-train study=NAME runs the whole sweep; one study per command):"]
     for name in available_studies():
         q, size = study_header(name)
-        lines.append(textwrap.fill(f"{name:<15} {q}" + (f" [{size}]" if size else ""), width=100,
+        mine = "" if studies.where("study", name) == studies.BUILTIN else "(yours) "
+        lines.append(textwrap.fill(f"{name:<15} {mine}{q}" + (f" [{size}]" if size else ""), width=100,
                                    initial_indent="  ", subsequent_indent=" " * 18))
+    folders = ", ".join(s.replace("file://", "") for s in studies.user_sources())
+    lines += ["", "Your own studies, models and datasets: conf/study/, conf/model/, conf/data/ of the project folder",
+              f"(the working directory or $BNLAB_HOME), --config-dir DIR or ${studies.ENV}=DIR; now: {folders or 'none'}."]
     lines += ["", "Examples:",
               "  bnlab-train                                   one run: LeNet-BN as in d2l 7.5",
               "  bnlab-train bn.momentum=0.01 data.batch_size=32 optim.lr=0.1",
@@ -322,6 +408,11 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     _prepare_env()
     bound_http_retries()
+    try:
+        args = user_config(args)
+    except ConfigError as e:
+        print(f"bnlab-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if "--help" in args or "-h" in args:
         try:
             print(help_text(), flush=True)
@@ -339,5 +430,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
             os.environ["BNLAB_N_JOBS"] = str(n)
     sys.argv = [sys.argv[0]] + args
     hydra.main(version_base="1.3", config_path=CONF_SOURCE, config_name="train")(_task)()
+    if not _INFO_FLAGS.intersection(args):
+        print(store_hint(_URIS), flush=True)
     if sweep.LAST_RESULT is not None and sweep.LAST_RESULT.failed:
         sys.exit(1)

@@ -143,31 +143,18 @@ def parent_name(study: str, launched: Optional[float] = None) -> str:
 
 # ------------------------------------------------------------------------------- descriptions
 
-def study_dir() -> Path:
-    return Path(__file__).resolve().parent / "conf" / "study"
-
-
 def study_header(study: str) -> Dict[str, str]:
-    """The `# Key: text` lines at the top of bnlab/conf/study/<study>.yaml (Question, Run, Report, Size),
-    continuation lines (`#   ...`) joined; {} for an unknown study."""
-    f = study_dir() / f"{study}.yaml"
-    if not f.is_file():
-        return {}
-    out: Dict[str, str] = {}
-    key = None
-    for line in f.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        body = line[1:]
-        head, sep, rest = body.strip().partition(":")
-        if sep and head in ("Question", "Run", "Report", "Size") and not body.startswith("   "):
-            key = head
-            out[key] = rest.strip()
-        elif key and body.startswith("   "):
-            out[key] += " " + body.strip()
-        else:
-            key = None
-    return out
+    """The `# Key: text` lines at the top of the study's file wherever it is on the config search
+    path (Question, Run, Report, Size; bnlab.studies.header); {} for an unknown study."""
+    from bnlab import studies
+
+    return studies.header(study)
+
+
+def _builtin(study: str) -> bool:
+    from bnlab import studies
+
+    return studies.where("study", study) == studies.BUILTIN
 
 
 def _command(text: str) -> str:
@@ -186,8 +173,8 @@ def experiment_description(study: str, n_runs: Optional[int] = None,
     size = f" ({n_runs} runs)" if n_runs else ""
     lines += [f"**Run:** `{run}`{size}. **Answer:** `{report}` writes the section `## {study}` of "
               f"results/REPORT.md and results/{study}/ (figures, summary.csv), and attaches them to "
-              f"the latest sweep run of this experiment (Artifacts, folder report/). Study card: "
-              f"experiments/{study}.md.", ""]
+              f"the latest sweep run of this experiment (Artifacts, folder report/)."
+              + (f" Study card: experiments/{study}.md." if _builtin(study) else ""), ""]
     if varying:
         names = ", ".join(f"`{short_key(k, varying)}` = {k}" for k in varying)
         lines += [f"**Run names** show what varies: {names}."]
@@ -207,8 +194,11 @@ def sweep_description(study: str, n_runs: int, varying: Sequence[str], overrides
 
 def run_description(cfg: Config) -> str:
     """One line that says what the run trains and how (mlflow.note.content of the run)."""
+    from bnlab.data import TITLES
+    from bnlab.models import MODELS
+
     m, b, d, o, t = cfg.model, cfg.bn, cfg.data, cfg.optim, cfg.train
-    model = "LeNet" if m.name.value == "lenet" else f"MLP {list(m.hidden)}"
+    model = MODELS[m.name.value].title(m)  # the model and data registries name them
     if not b.enabled:
         bn = "no BN"
     else:
@@ -216,20 +206,39 @@ def run_description(cfg: Config) -> str:
         mom = "cumulative average" if b.momentum is None else f"momentum {b.momentum:g}"
         upd = "" if b.update_stats else ", running statistics never updated"
         bn = f"BN {where} the activation ({mom}{upd})"
-    data = "Fashion-MNIST" if d.name.value == "fashion_mnist" else "synthetic data"
+    data = TITLES[d.name](d)
     subset = f" ({d.train_subset} training examples)" if d.train_subset else ""
     sgd = f"SGD lr {o.lr:g}" + (f", momentum {o.momentum:g}" if o.momentum else "")
-    return (f"{model} ({m.activation.value}), {bn}; {sgd}, batch {d.batch_size}, {t.epochs} epoch"
+    return (f"{model}, {bn}; {sgd}, batch {d.batch_size}, {t.epochs} epoch"
             f"{'s' if t.epochs != 1 else ''} on {data}{subset}; seed {cfg.seed}")
 
 
 # ---------------------------------------------------------------------------------------- tags
 
 @functools.lru_cache(maxsize=1)
-def code_commit() -> Optional[str]:
-    """The git commit of the code that runs (this package's checkout; None outside a checkout).
-    Not BNLAB_HOME's: the store may live anywhere, the code is what the commit identifies."""
+def code_root() -> Optional[Path]:
+    """The git checkout bnlab runs from (an editable install), or None: an installed wheel lives in
+    site-packages, which may sit inside some other repository (a project's .venv), so the
+    checkout's top level must be the folder that holds bnlab/ and pyproject.toml."""
     root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = out.stdout.strip()
+    return root if out.returncode == 0 and top and Path(top).resolve() == root else None
+
+
+@functools.lru_cache(maxsize=1)
+def code_commit() -> Optional[str]:
+    """The git commit of the code that runs (bnlab's checkout; None for an installed package).
+    Not the project folder's: the store may live anywhere, the code is what the commit identifies."""
+    root = code_root()
+    if root is None:
+        return None
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)
@@ -246,7 +255,10 @@ def standard_tags(source: str) -> Dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)
         user = "unknown"
-    tags = {"mlflow.source.name": source, "mlflow.source.type": "LOCAL", "mlflow.user": user}
+    from bnlab import __version__
+
+    tags = {"mlflow.source.name": source, "mlflow.source.type": "LOCAL", "mlflow.user": user,
+            TAG_VERSION: __version__}
     commit = code_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -264,6 +276,8 @@ def run_tags(cfg: Config) -> Dict[str, str]:
     return {"mlflow.note.content": run_description(cfg), **standard_tags(source_name(cfg.tracking.study)),
             TAG + "threads": str(cfg.train.threads) if cfg.train.threads else "default"}
 
+
+TAG_VERSION = "bnlab.version"  # the bnlab release that made the run (tracking.git_info writes it too)
 
 # Columns of the study's default runs view: the keys the study varies, then the answer's metrics.
 VIEW_METRICS = ("val/acc", "val/acc_precise_bn", "gap/acc")

@@ -4,7 +4,7 @@ interval, n seeds), how to reproduce them and the code's git commit.
 
     bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]
 
-Defaults: every known study (bnlab/conf/study/*.yaml) that has runs, the project's store, <project>/results.
+Defaults: every known study (bnlab.studies: bnlab's and the project's conf/study/) that has runs, the project's store, <project>/results.
 A study section already in DIR is never replaced by one with fewer runs used in the means (a store
 with fewer or only failed runs) unless --force is given; each config hash counts once.
 """
@@ -26,7 +26,7 @@ from bnlab.analysis.claims import acc as acc_text
 from bnlab.analysis.claims import claims_table
 from bnlab.analysis.runs import FINAL, StoreNotFound, list_experiments, load_curves, load_runs
 from bnlab.config import DIVERGED_LOSS
-from bnlab.describe import study_dir
+from bnlab import studies as study_files
 from bnlab.tracking import project_home, resolve_uri
 
 KNOWN_STUDIES = ["smoke", "update_ops", "momentum", "batch_size", "lr", "placement", "d2l", "ema_vs_precise",
@@ -332,27 +332,14 @@ def figures_for(study: str) -> List[FigureSpec]:
 
 
 def known_studies() -> List[str]:
-    """The built-in studies, then any other conf/study/*.yaml of the project."""
-    conf = project_home() / "conf" / "study"
-    extra = sorted(p.stem for p in conf.glob("*.yaml")) if conf.is_dir() else []
+    """The built-in studies, then every other study on the config search path (bnlab.studies)."""
+    extra = study_files.options("study")
     return KNOWN_STUDIES + [s for s in extra if s not in KNOWN_STUDIES]
 
 
 def study_question(study: str) -> str:
     """The '# Question:' header of bnlab/conf/study/<study>.yaml (with its continuation lines), if any."""
-    f = study_dir() / f"{study}.yaml"
-    if not f.is_file():
-        return ""
-    out, on = [], False
-    for line in f.read_text().splitlines():
-        if line.startswith("# Question:"):
-            on = True
-            out.append(line[len("# Question:"):].strip())
-        elif on and line.startswith("#   "):
-            out.append(line[1:].strip())
-        elif on:
-            break
-    return " ".join(out)
+    return study_files.header(study).get("Question", "")
 
 
 # ------------------------------------------------------------------------------ tables and text
@@ -383,6 +370,9 @@ def commits_text(runs: pd.DataFrame) -> str:
     if runs.empty:
         return "unknown"
     c = runs["git_commit"].fillna("unknown").astype(str)
+    if "tags.bnlab.version" in runs:  # an installed bnlab has no commit: its version says which code ran
+        v = runs["tags.bnlab.version"]
+        c = c.where(c != "unknown", v.map(lambda x: f"bnlab {x}" if isinstance(x, str) else "unknown"))
     d = runs["git_dirty"].map(lambda v: "uncommitted changes" if v is True else
                               ("clean" if v is False else "dirty flag unknown"))
     counts = pd.DataFrame({"c": c, "d": d}).value_counts()
@@ -408,7 +398,7 @@ def runs_text(runs: pd.DataFrame) -> str:
 
 
 def reproduce_text(study: str) -> str:
-    if study in STUDY_FIGURES or (study_dir() / f"{study}.yaml").is_file():
+    if study in STUDY_FIGURES or study_files.where("study", study):
         return f"`bnlab-train study={study}` then `bnlab-report study={study}`"
     return (f"each run's overrides are in its tag bnlab.overrides (`bnlab-train <overrides> "
             f"tracking.experiment={study}`), then `bnlab-report study={study}`")
@@ -573,6 +563,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     uri = resolve_uri(args.get("tracking.uri") or None)
     out = Path(args["out"]).expanduser().resolve() if args.get("out") else project_home() / "results"
+    inside = study_files.installed_location(out)
+    if inside:
+        print(f"bnlab-report: out={out} is inside {inside}; run bnlab-report in your project folder "
+              f"(or set BNLAB_HOME, or out=DIR)", file=sys.stderr)
+        return 2
     known = known_studies()
     try:
         if args.get("study"):
