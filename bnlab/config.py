@@ -10,6 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 
@@ -110,6 +111,12 @@ class DataConfig:
     synthetic_shape: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
+        # Files by absolute path (a relative one is relative to the working directory): the run's
+        # record then names them, and load_run / bnlab-diagnose find them, from any folder.
+        for key in ("root", "path"):
+            v = getattr(self, key)
+            if v:
+                setattr(self, key, str(Path(v).expanduser().resolve()))
         if self.batch_size < 1:
             _fail("data.batch_size", ">= 1", self.batch_size)
         if self.eval_batch_size < 1:

@@ -22,8 +22,54 @@ def model_artifact(model: nn.Module, cfg: Config, ds) -> Tuple[Dict[str, torch.T
     classes as JSON text): the arguments of tracker.log_model, all load_run needs to rebuild the model.
     float32 weights as trained: 190 KB for LeNet, 1.1 MB for ResNet-20."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    text = json.dumps({"config": to_plain(cfg), "shape": list(ds.shape), "classes": ds.classes}, indent=1)
+    meta = {"config": to_plain(cfg), "shape": list(ds.shape), "classes": ds.classes}
+    source = model_source(cfg)
+    if source:
+        meta["source"] = source
+    text = json.dumps(meta, indent=1)
     return state, text
+
+
+def model_source(cfg: Config) -> Optional[Dict[str, str]]:
+    """model=custom: the module that defines model.target, as {module, file, text}, so that the run
+    rebuilds its model in any folder (load_run); None for a built-in model or a module without a
+    readable source file. Only that one module is kept, not what it imports."""
+    import importlib
+    import inspect
+
+    if cfg.model.name.value != "custom" or not cfg.model.target:
+        return None
+    name = cfg.model.target.partition(":")[0]
+    try:
+        path = inspect.getsourcefile(importlib.import_module(name))
+        return {"module": name, "file": str(Path(path).resolve()), "text": Path(path).read_text()}
+    except (ImportError, TypeError, OSError):
+        return None
+
+
+def provide_module(source: Dict[str, str]) -> None:
+    """Make the module a run was trained with importable under its name: the saved source, unless
+    the module found on the import path now has exactly that text (then it is used as it is)."""
+    import importlib
+    import importlib.util
+    import inspect
+    import os
+    import sys
+
+    name, text = source["module"], source["text"]
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        here = importlib.import_module(name)
+        if Path(inspect.getsourcefile(here)).read_text() == text:
+            return
+    except Exception:  # noqa: BLE001 - not importable here, or broken: the saved source is used
+        pass
+    spec = importlib.util.spec_from_loader(name, loader=None, origin=source.get("file"))
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = source.get("file")
+    sys.modules[name] = module  # before exec: a dataclass in the module looks itself up there
+    exec(compile(text, source.get("file") or f"<{name}>", "exec"), module.__dict__)
 
 
 class RunError(ValueError):
@@ -68,6 +114,8 @@ def load_run(run_id: str, tracking_uri: Optional[str] = None) -> LoadedRun:
     meta = json.loads(saved["config"])
     cfg = from_plain(meta["config"])
     shape, classes = tuple(meta["shape"]), int(meta["classes"])
+    if meta.get("source"):
+        provide_module(meta["source"])
     model = build_model(cfg.model, cfg.bn, shape, classes)
     model.load_state_dict(saved["state_dict"])
     model.eval()

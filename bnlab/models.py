@@ -168,13 +168,18 @@ class Entry:
     shape: Optional[Tuple[int, ...]]
     synthetic_shape: Tuple[int, ...]
     uses_shape: bool = False
+    # How run descriptions name it (bnlab.describe.run_description), from its config.
+    title: Callable[[ModelConfig], str] = lambda m: m.name.value
 
 
 MODELS: Dict[str, Entry] = {
-    "lenet": Entry(lenet, (1, 28, 28), (1, 28, 28)),
-    "mlp": Entry(mlp, (1, 28, 28), (1, 28, 28)),
-    "resnet20": Entry(resnet20, None, (3, 32, 32), uses_shape=True),
-    "custom": Entry(custom, None, (3, 32, 32)),
+    "lenet": Entry(lenet, (1, 28, 28), (1, 28, 28),
+                   title=lambda m: f"LeNet ({m.activation.value}{', max pooling' if m.pool == Pool.max else ''})"),
+    "mlp": Entry(mlp, (1, 28, 28), (1, 28, 28), title=lambda m: f"MLP {list(m.hidden)} ({m.activation.value})"),
+    "resnet20": Entry(resnet20, None, (3, 32, 32), uses_shape=True,
+                      title=lambda m: f"ResNet-20 ({m.activation.value})"),
+    "custom": Entry(custom, None, (3, 32, 32), title=lambda m: f"your model {m.target}"
+                    + (f" {dict(m.kwargs)}" if m.kwargs else "")),
 }
 
 

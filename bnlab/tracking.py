@@ -4,6 +4,7 @@ creation, bounded HTTP retries, and BackgroundTracker, which can move those writ
 process. train() receives a tracker; it never imports mlflow."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,31 +20,38 @@ from typing import Dict, Mapping, Optional, Tuple
 
 TAG = "bnlab."  # prefix of every bnlab tag
 MODEL_ARTIFACT = "model.pt"  # a finished run's model: torch.save({"state_dict", "config"}) (bnlab/load.py)
+MODEL_SOURCE = "model_source"  # model=custom: the module that defines model.target (artifact folder)
 log = logging.getLogger("bnlab")
 
 
 def project_home() -> Path:
-    """$BNLAB_HOME, else the checkout this package lives in (editable install), else ~/.bnlab."""
+    """The project folder: $BNLAB_HOME, else the working directory (bnlab's own checkout when
+    `make study` runs there). It holds runs/ (the store, Hydra's job folders, artifacts, data
+    caches), results/ (the report) and conf/ (the project's own studies, models, datasets)."""
     env = os.environ.get("BNLAB_HOME")
-    if env:
-        return Path(env).expanduser().resolve()
-    here = Path(__file__).resolve().parents[1]
-    if (here / "pyproject.toml").is_file():
-        return here
-    return Path.home() / ".bnlab"
+    return Path(env).expanduser().resolve() if env else Path.cwd().resolve()
 
 
 def default_uri() -> str:
-    """The project's SQLite store, at a fixed absolute path whatever the working directory."""
+    """The project's SQLite store <project>/runs/mlflow.db, as an absolute path."""
     return f"sqlite:///{project_home() / 'runs' / 'mlflow.db'}"
 
 
-def artifact_root() -> Path:
-    return project_home() / "runs" / "artifacts"
+def artifact_root(uri: Optional[str] = None) -> Path:
+    """Where a local store's artifacts go: the folder artifacts/ beside its SQLite file (for the
+    default store <project>/runs/artifacts), so they follow the store wherever a run starts."""
+    path = sqlite_path(uri)
+    return (path.parent if path is not None else project_home() / "runs") / "artifacts"
 
 
 def resolve_uri(uri: Optional[str]) -> str:
-    return uri or default_uri()
+    """The store a run logs to: tracking.uri, else $MLFLOW_TRACKING_URI (MLflow's own convention),
+    else the project's SQLite store. A relative SQLite path is relative to the working directory
+    (as MLflow reads it) and is returned absolute."""
+    u = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    if u.startswith("sqlite:///") and not u.startswith("sqlite:////") and u != "sqlite:///:memory:":
+        u = f"sqlite:///{Path.cwd().resolve() / u[len('sqlite:///'):]}"
+    return u
 
 
 def _is_local(uri: str) -> bool:
@@ -55,7 +63,7 @@ def is_http(uri: Optional[str]) -> bool:
 
 
 def sqlite_path(uri: Optional[str]) -> Optional[Path]:
-    uri = resolve_uri(uri)
+    uri = resolve_uri(uri)  # absolute
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
@@ -144,7 +152,7 @@ def ensure_experiment(uri: Optional[str], name: str) -> str:
         if _is_local(resolve_uri(uri)):
             # A SQLite store's default artifact root is ./mlartifacts of the working directory:
             # pin it inside the project so artifacts land beside the store wherever a run starts.
-            kwargs["artifact_location"] = (artifact_root() / name).as_uri()
+            kwargs["artifact_location"] = (artifact_root(uri) / name).as_uri()
         try:
             return c.create_experiment(name, **kwargs)
         except MlflowException:  # created meanwhile by another process (over HTTP)
@@ -155,8 +163,14 @@ def ensure_experiment(uri: Optional[str], name: str) -> str:
 
 
 def git_info() -> Dict[str, str]:
-    """Commit and dirty flag of the project checkout ('unknown' outside a git checkout)."""
-    home = project_home()
+    """The code that runs: bnlab's version, and the commit and dirty flag of the git checkout bnlab
+    is installed from (editable), 'unknown' for an installed wheel or sdist."""
+    from bnlab import __version__
+    from bnlab.describe import code_root
+
+    home = code_root()
+    if home is None:
+        return {TAG + "version": __version__, TAG + "git_commit": "unknown", TAG + "git_dirty": "unknown"}
     try:
         sha = subprocess.run(["git", "-C", str(home), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -164,7 +178,8 @@ def git_info() -> Dict[str, str]:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", ""
-    return {TAG + "git_commit": sha or "unknown", TAG + "git_dirty": str(bool(dirty)).lower()}
+    return {TAG + "version": __version__, TAG + "git_commit": sha or "unknown",
+            TAG + "git_dirty": str(bool(dirty)).lower()}
 
 
 def owner_tags() -> Dict[str, str]:
@@ -296,6 +311,9 @@ class MlflowTracker:
             path = Path(tmp) / MODEL_ARTIFACT
             torch.save({"state_dict": dict(state), "config": config_text}, path)
             self._client.log_artifact(self.run_id, str(path))
+        source = json.loads(config_text).get("source") if config_text.lstrip().startswith("{") else None
+        if source:  # a custom model's module, readable in the UI too (model.pt holds the same text)
+            self._client.log_text(self.run_id, source["text"], f"{MODEL_SOURCE}/{Path(source['file']).name}")
 
     def end(self, status: str, error: Optional[str] = None) -> None:
         if self.run_id is None:

@@ -177,6 +177,19 @@ def diverged(train_loss: float) -> bool:
     return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS
 
 
+def chance_warning(cfg: Config, train_acc: float, y_train: torch.Tensor, seen: int) -> Optional[str]:
+    """The warning for a run that is not learning: after the first epoch its training accuracy is
+    within 3 binomial standard errors (over the `seen` training examples) of always guessing the
+    most frequent class. None when it learns."""
+    p = float(torch.bincount(y_train.cpu()).max()) / max(len(y_train), 1)
+    if seen < 1 or train_acc > p + 3.0 * math.sqrt(p * (1 - p) / seen):
+        return None
+    hint = (" model=custom starts from SGD lr 0.1, momentum 0.9 (conf/model/custom.yaml); try another optim.lr"
+            if cfg.model.name.value == "custom" else " try another optim.lr")
+    return (f"train/acc {train_acc:.3f} after epoch 1 is chance level ({p:.3f}): the network is not learning "
+            f"at optim.lr={cfg.optim.lr:g};{hint}")
+
+
 def run_tags(cfg: Config) -> Dict[str, str]:
     return {TAG + "config_hash": config_hash(cfg), TAG + "seed": str(cfg.seed),
             TAG + "diverged": "false"}
@@ -436,6 +449,11 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
                      epoch, cfg.train.epochs, m["train/loss"], m["train/acc"], m["val/acc"],
                      f"val/acc_batch_stats {m['val/acc_batch_stats']:.4f}" if "val/acc_batch_stats" in m else "",
                      m["perf/train_examples_per_s"])
+            warning = chance_warning(cfg, m["train/acc"], s.ds.y_train,
+                                     len(s.ds.x_train) // cfg.data.batch_size * cfg.data.batch_size) if epoch == 1 else None
+            if warning:
+                log.warning("%s", warning)
+                tracker.set_tags({TAG + "warning": warning})
         if "diverged_epoch" not in final:  # a NaN model is nothing to keep
             tracker.log_model(*model_artifact(s.model, cfg, s.ds))
         tracker.flush()  # a failed write is this run's error, handled below

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """bnlab-ui: the MLflow UI (an MLflow tracking server) on 127.0.0.1 over the project's store.
     Runs may also log through it: tracking.uri=http://127.0.0.1:PORT."""
-    from bnlab.tracking import artifact_root, default_uri
+    from bnlab.tracking import artifact_root, default_uri, resolve_uri
 
     a = build_parser().parse_args(argv)
     if not 1 <= a.port <= 65535:
@@ -153,11 +153,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"bnlab-ui: error: port {a.port} on {a.host} is in use (another bnlab-ui? pick one with "
               f"--port)", file=sys.stderr)
         sys.exit(1)
-    store = a.backend_store_uri or default_uri()
+    store = a.backend_store_uri or resolve_uri(None)  # $MLFLOW_TRACKING_URI, else the project's store
+    if store.startswith(("http://", "https://")):  # a server is already running: serve the project's store
+        store = default_uri()
     if store.startswith("sqlite:///"):
         Path(store[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-           "--artifacts-destination", str(artifact_root()), "--host", a.host, "--port", str(a.port),
+           "--artifacts-destination", str(artifact_root(store)), "--host", a.host, "--port", str(a.port),
            "--workers", str(a.workers)]
     # MLflow 3.x servers start a pool of GenAI job workers by default: seconds of CPU for nothing here.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}

@@ -97,7 +97,7 @@ def _verdict(acc: dict, layers, never_updated: List[str], tol: float) -> str:
                          f"statistics (missing update ops / update_stats=False): enable the updates, "
                          f"then recalibrate")
         else:
-            words.append("recalibrate (bnlab.precise_bn) or raise the momentum")
+            words.append("recalibrate (bnlab.bn.precise_bn) or raise the momentum")
     elif -gain >= tol:
         words = [f"precise BN is {-gain:.1f} points worse than the running statistics ({pts(run):.1f}% vs "
                  f"{pts(prec):.1f}%): too few calibration samples, or training batches unlike the "

@@ -36,6 +36,14 @@ LOADERS: Dict[DataName, Callable[[DataConfig, Sequence[int]], Dataset]] = {
         cfg.synthetic_train, cfg.synthetic_val, shape=cfg.synthetic_shape or shape),
 }
 
+# data.name -> how run descriptions name the dataset (bnlab.describe.run_description).
+TITLES: Dict[DataName, Callable[[DataConfig], str]] = {
+    DataName.fashion_mnist: lambda cfg: "Fashion-MNIST",
+    DataName.cifar10: lambda cfg: "CIFAR-10",
+    DataName.tensors: lambda cfg: f"your tensors {cfg.path}",
+    DataName.synthetic: lambda cfg: "synthetic data",
+}
+
 
 def _subset(x: torch.Tensor, y: torch.Tensor, n: Optional[int], seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     if n is None or n >= len(x):
