@@ -235,6 +235,18 @@ class BNConfig:
     def enabled(self) -> bool:
         return self.placement != Placement.none
 
+    def layer_settings_changed(self) -> List[str]:
+        """bn.<field> of the LAYER_FIELDS that differ from their default: options that only a
+        model with BN layers can apply."""
+        d = BNConfig()
+        return [f"bn.{f}" for f in LAYER_FIELDS if getattr(self, f) != getattr(d, f)]
+
+
+# bn.* fields that configure each BN layer (bnlab.models.bn_kwargs) or freeze them (FrozenBN); the
+# others (placement, precise_samples, precise_sizes) act on the model or its evaluation.
+LAYER_FIELDS = ("decay", "momentum", "update_stats", "eps", "running_var", "track", "affine", "impl",
+                "shadow_momenta", "ghost_batch_size", "freeze_at")
+
 
 @dataclass
 class OptimConfig:
@@ -366,6 +378,10 @@ class Config:
         if self.model.name == ModelName.custom and self.bn.placement != Placement.before_act:
             _fail("bn.placement", "before_act with model=custom (its own code places BN; "
                   "bnlab converts its BN layers)", self.bn.placement.value)
+        changed = self.bn.layer_settings_changed()
+        if not self.bn.enabled and changed:
+            _fail(changed[0], "left at its default with bn.placement=none (no BN layer to apply it to)",
+                  getattr(self.bn, changed[0][3:]))
         g = self.bn.ghost_batch_size
         if g is not None and self.data.batch_size % g:
             _fail("bn.ghost_batch_size", f"a divisor of data.batch_size={self.data.batch_size} (>= 2) or null", g)
@@ -430,7 +446,6 @@ class FieldRole:
     only_when: Optional[tuple] = None
 
 
-_RESULT = FieldRole(Role.result)
 # THE table of field roles: every flat config key that is not simply a result field. Read by
 # config_hash (below), describe.py (MLflow params, run names) and the report (analysis/frames.py).
 ROLES: Dict[str, FieldRole] = {
@@ -453,7 +468,7 @@ ROLES: Dict[str, FieldRole] = {
 
 def field_role(key: str) -> FieldRole:
     """The role of a flat config key (model.kwargs.<name> and unknown keys: result)."""
-    return ROLES.get(key, _RESULT)
+    return ROLES.get(key) or FieldRole(Role.result)
 
 
 def applies(key: str, flat: Dict[str, Any]) -> bool:
