@@ -11,44 +11,29 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from bnlab.config import Config, flatten, to_plain
+from bnlab.config import Config, Role, field_role, flatten, is_param, to_plain
 
 # ------------------------------------------------------------------------ params that define a run
 
-# Bookkeeping: config fields that say where or how fast a run is logged or executed, not what it
-# computes. They stay out of the run's params (the full resolved config is the run's config.yaml
-# artifact) and out of run names.
-BOOKKEEPING = (
-    "tracking.uri",  # where the run is logged
-    "tracking.experiment",  # the experiment the run is in (shown by the UI anyway)
-    "tracking.study",  # the study (tag bnlab.study)
-    "tracking.resume",  # whether a relaunch skips finished grid points
-    "train.progress",  # a progress bar on a terminal
-    "train.threads",  # CPU threads: speed only (tag bnlab.threads)
-    "data.root",  # where the dataset files are read from
-    "data.eval_batch_size",  # evaluation chunking: does not change results
-)
-# Fields that only matter for one value of another field: left out otherwise.
-ONLY_WHEN = {
-    "data.synthetic_train": ("data.name", "synthetic"),
-    "data.synthetic_val": ("data.name", "synthetic"),
-    "model.hidden": ("model.name", "mlp"),
-}
-
+# Which fields are params is the schema's table of field roles (bnlab.config.ROLES): result, seed
+# and extra fields that apply; execution fields are tags (bnlab.<key>) and bookkeeping is left out
+# (the full resolved config is the run's config.yaml artifact).
 
 def is_defining(key: str, flat: Mapping[str, object]) -> bool:
     """True if `key` is a param that defines the run whose flat config is `flat`."""
-    if key in BOOKKEEPING:
-        return False
-    if key in ONLY_WHEN:
-        other, value = ONLY_WHEN[key]
-        return str(flat.get(other)) == value
-    return True
+    return is_param(key, dict(flat))
 
 
 def defining_params(flat: Mapping[str, object]) -> Dict[str, object]:
-    """The params logged with a run: its flat config minus BOOKKEEPING and ONLY_WHEN fields."""
+    """The params logged with a run: its flat config's result, seed and extra fields that apply."""
     return {k: v for k, v in flat.items() if is_defining(k, flat)}
+
+
+def execution_tags(cfg: Config) -> Dict[str, str]:
+    """The execution fields of a run as tags bnlab.<key> (device, eval batch size, data root, ...)."""
+    from bnlab.tracking import TAG
+
+    return {TAG + k: str(v) for k, v in flatten(to_plain(cfg)).items() if field_role(k).role == Role.execution}
 
 
 def run_params(cfg: Config) -> Dict[str, object]:
@@ -115,7 +100,7 @@ def run_name(overrides: Sequence[str], varying: Optional[Sequence[str]] = None) 
     values = {}
     for o in overrides:
         key, value = _parse(o)
-        if key.startswith("hydra") or key == "study" or key in BOOKKEEPING:
+        if key.startswith("hydra") or key == "study" or field_role(key).role in (Role.execution, Role.bookkeeping):
             continue
         values[key] = value
     keys = [k for k in (varying if varying is not None else values) if k in values]
@@ -274,7 +259,7 @@ def run_tags(cfg: Config) -> Dict[str, str]:
     from bnlab.tracking import TAG
 
     return {"mlflow.note.content": run_description(cfg), **standard_tags(source_name(cfg.tracking.study)),
-            TAG + "threads": str(cfg.train.threads) if cfg.train.threads else "default"}
+            **execution_tags(cfg), TAG + "threads": str(cfg.train.threads) if cfg.train.threads else "default"}
 
 
 TAG_VERSION = "bnlab.version"  # the bnlab release that made the run (tracking.git_info writes it too)

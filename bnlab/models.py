@@ -19,13 +19,19 @@ def _activation(name: Activation) -> nn.Module:
     return nn.Sigmoid() if name == Activation.sigmoid else nn.ReLU()
 
 
+def bn_kwargs(b: BNConfig) -> dict:
+    """bn.* as keyword arguments of bnlab's BatchNorm: the ONE mapping, for the built-in models
+    (make_bn) and for a user's model (convert_bn). bn.decay is already bn.momentum (BNConfig);
+    bn.placement, precise_samples, precise_sizes and freeze_at act in block() and train()."""
+    return dict(momentum=b.momentum, eps=b.eps, affine=b.affine, running_var=b.running_var.value,
+                track=b.track.value, update_stats=b.update_stats, impl=b.impl.value,
+                shadow_momenta=tuple(b.shadow_momenta), ghost_batch_size=b.ghost_batch_size)
+
+
 def make_bn(num_features: int, dims: int, cfg: BNConfig) -> nn.Module:
     """A bnlab BatchNorm for dense (dims=1) or conv (dims=2) features, configured from bn.*."""
     cls = bnm.BatchNorm1d if dims == 1 else bnm.BatchNorm2d
-    return cls(num_features, momentum=cfg.momentum, eps=cfg.eps, affine=cfg.affine,
-               running_var=cfg.running_var.value, track=cfg.track.value,
-               update_stats=cfg.update_stats, impl=cfg.impl.value,
-               shadow_momenta=tuple(cfg.shadow_momenta), ghost_batch_size=cfg.ghost_batch_size)
+    return cls(num_features, **bn_kwargs(cfg))
 
 
 def block(layer: nn.Module, num_features: int, dims: int, activation: Activation,
@@ -121,12 +127,6 @@ def resnet20(m: ModelConfig, b: BNConfig, shape: Sequence[int] = (3, 32, 32), cl
 
 # ----------------------------------------------------------------------------- custom models
 
-def bn_options(b: BNConfig) -> dict:
-    """bn.* as keyword options of bnlab's BatchNorm (and of convert_bn)."""
-    return dict(momentum=b.momentum, eps=b.eps, running_var=b.running_var.value, track=b.track.value,
-                update_stats=b.update_stats, impl=b.impl.value, shadow_momenta=tuple(b.shadow_momenta))
-
-
 def _import_target(target: str) -> Callable:
     """'package.module:attr' -> the object; the working directory is on the import path, so a
     researcher's own file next to where they run bnlab-train is found."""
@@ -156,7 +156,17 @@ def custom(m: ModelConfig, b: BNConfig) -> nn.Module:
                           f"({type(e).__name__}: {e})") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.target={m.target!r} returned a {type(model).__name__}, not a torch.nn.Module")
-    return bnm.convert_bn(model, inplace=True, **bn_options(b))
+    if not bnm.bn_modules(model):
+        # No BN to carry the options: a bn.* setting would be logged and ignored.
+        changed = b.layer_settings_changed()
+        if changed:
+            raise ConfigError(f"{changed[0]} cannot apply: model.target={m.target!r} has no BatchNorm layer "
+                              f"(leave bn.* at their defaults for a model without BN)")
+        return model
+    try:
+        return bnm.convert_bn(model, inplace=True, **bn_kwargs(b))
+    except ValueError as e:  # e.g. bn.affine=false over gamma/beta the factory already set
+        raise ConfigError(f"model.target={m.target!r}: the bn.* options cannot apply to its BN layers ({e})") from e
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,10 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
             return JobContext(None, skip_reason=f"config {h} is being trained by {_owner(live[0])}")
         done = finished_run(uri, exp, h) if cfg.tracking.resume else None
         if done:
-            return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done}")
+            # The hash holds execution fields at their default (bnlab.config.ROLES): a relaunch that
+            # changes only how the job runs lands here too.
+            return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done} (execution "
+                              f"fields such as train.device do not retrain it; tracking.resume=false does)")
         tracker.claim({**tags, TAG + "config_hash": h})
     if is_http(uri):
         lost = _lost_claim(uri, exp, h, tracker.run_id)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bnlab import describe as D
-from bnlab.config import BNConfig, Config, DataConfig, DataName, ModelConfig, ModelName, Placement, flatten, to_plain
+from bnlab.config import (ROLES, BNConfig, Config, DataConfig, DataName, ModelConfig, ModelName, Placement, Role,
+                          field_role, flatten, to_plain)
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.stem for p in (ROOT / "bnlab" / "conf" / "study").glob("*.yaml"))
@@ -73,9 +74,11 @@ def test_short_keys_stay_distinct():
 def test_params_are_the_config_minus_the_documented_bookkeeping():
     fm = flatten(to_plain(Config()))
     p = D.run_params(Config())
-    assert set(p) == set(fm) - set(D.BOOKKEEPING) - set(D.ONLY_WHEN)
+    assert set(p) == {k for k in fm if field_role(k).role in (Role.result, Role.seed, Role.extra)
+                      and field_role(k).only_when is None}
     assert not any(k.startswith("tracking.") for k in p)
     assert "train.progress" not in p and "train.threads" not in p and "data.synthetic_train" not in p
+    assert "train.device" not in p and "data.eval_batch_size" not in p and "bn.shadow_momenta" in p
     syn = D.run_params(Config(data=DataConfig(name=DataName.synthetic, synthetic_train=300)))
     assert syn["data.synthetic_train"] == 300 and "data.synthetic_val" in syn and "model.hidden" not in syn
     mlp = D.run_params(Config(model=ModelConfig(name=ModelName.mlp, hidden=[64])))
@@ -88,7 +91,7 @@ def test_params_are_the_config_minus_the_documented_bookkeeping():
 
 def test_readme_documents_the_params_list_and_the_name_scheme():
     readme = " ".join((ROOT / "README.md").read_text().split())  # line breaks as spaces
-    for key in [*D.BOOKKEEPING, *D.ONLY_WHEN]:
+    for key in [k for k, r in ROLES.items() if r.role not in (Role.result, Role.seed) or r.only_when]:
         assert f"`{key}`" in readme, key
     for key, alias in D.KEY_ALIASES.items():
         assert f"`{alias}` {key}" in readme, key

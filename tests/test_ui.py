@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bnlab import describe as D
+from bnlab.config import Role, field_role
 from conftest import BIN, cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +200,7 @@ def test_params_define_the_run_and_the_parent_holds_the_shared_ones(served):
     assert "seed" not in pp and "bn.update_stats" not in pp
     for k in kids:
         kp = {x["key"]: x["value"] for x in k["data"]["params"]}
-        assert not set(kp) & set(D.BOOKKEEPING)
+        assert not {k for k in kp if field_role(k).role in (Role.execution, Role.bookkeeping)}
         assert set(kp) == set(pp) | {"seed", "bn.update_stats"}
         assert all(kp[key] == v for key, v in pp.items())
         assert _tags(k)["bnlab.threads"] == "1"  # bookkeeping kept as a tag

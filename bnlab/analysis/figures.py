@@ -20,12 +20,7 @@ FINAL = "final/"
 SHADOW = "final/val/acc_shadow/"
 RUN_COLUMNS = {"run_id", "run_name", "experiment", "study", "status", "role", "diverged", "diverged_epoch",
                "parent_run_id", "config_hash", "git_commit", "git_dirty", "error", "start_time", "end_time",
-               "metric", "step", "value", "momentum_source"}
-# Params that never define a config group: the seed is what is averaged over; the rest are where
-# and how a run was executed, not what it computed.
-# bn.shadow_momenta only adds metrics (training is unchanged), so it does not split groups either.
-NOT_CONFIG = {"seed", "data.root", "data.eval_batch_size", "train.device", "train.threads", "train.progress",
-              "tracking.uri", "tracking.experiment", "tracking.study", "tracking.resume", "bn.shadow_momenta"}
+               "metric", "step", "value", "momentum_source", "collapsed"}
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
           "tab:gray", "tab:olive", "tab:cyan"]
 PLACEMENT_LABEL = {"before_act": "BN before activation", "after_act": "BN after activation", "none": "no BN"}
@@ -178,10 +173,14 @@ def param_columns(df: pd.DataFrame) -> List[str]:
 
 def varying(df: pd.DataFrame, exclude: Iterable[str] = ()) -> List[str]:
     """Config params that take more than one value (seed and execution settings excluded)."""
-    skip = set(exclude) | NOT_CONFIG
+    from bnlab.config import groups_by
+
+    skip = set(exclude)
     out = []
     for c in param_columns(df):
-        if c in skip:
+        # Only result fields split groups (bnlab.config.ROLES): the seed is averaged over, extra
+        # fields only add metrics, execution fields say where and how a run executed.
+        if c in skip or not groups_by(c):
             continue
         if _hashable(df[c]).nunique(dropna=False) > 1:
             out.append(c)
@@ -393,10 +392,18 @@ def _curve_groups(ax, curves: pd.DataFrame, metric: str, groups: Sequence[str], 
             _seed_lines(ax, runs_g, "step", "value", color, by="run_id")
 
 
+def is_missing(v) -> bool:
+    """None, NaN and pd.NA (a nullable column's missing value) alike; a list is never missing."""
+    if v is None or v is pd.NA:
+        return True
+    return isinstance(v, float) and math.isnan(v)
+
+
 def _same(col: pd.Series, v) -> pd.Series:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return col.isna()
-    return col.map(lambda x: x == v)
+    """A boolean mask of the rows of `col` equal to `v` (missing equals missing, never a value)."""
+    if is_missing(v):
+        return col.map(is_missing).astype(bool)
+    return col.map(lambda x: (not is_missing(x)) and bool(x == v)).astype(bool)
 
 
 # ------------------------------------------------------------------------------ figures

@@ -357,7 +357,8 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
         ok, left, n_div = F.split_runs(g)
         row = dict(zip(groups, k if isinstance(k, tuple) else (k,))) if groups else {}
         row.update(n_runs=len(g), n_seeds=int(ok["seed"].nunique()) if "seed" in ok else len(ok),
-                   n_diverged=n_div, left_out=F.left_out_text(left))
+                   n_diverged=n_div, left_out=F.left_out_text(left),
+                   n_collapsed=int(g["collapsed"].sum()) if "collapsed" in g else 0)
         for m in metrics:
             mean, ci, n = F.mean_ci(ok[m])
             name = m[len(FINAL):]
@@ -390,10 +391,9 @@ def runs_text(runs: pd.DataFrame) -> str:
     if n_div:
         txt += (f". Diverged (finished, loss NaN/inf or above {DIVERGED_LOSS:g}): {n_div} {_runs(n_div)}, "
                 "marked in the figures, not averaged")
-    dup = int(runs.attrs.get("duplicates", 0))
-    if dup:
-        txt += (f". Each config hash counted once: {dup} more {_runs(dup)} of configs already counted "
-                "(trained twice by concurrent sweeps, or attempts a resume retried) not counted")
+    dup = int(runs["collapsed"].sum()) if "collapsed" in runs else int(runs.attrs.get("duplicates", 0))
+    txt += (f". Each (config group, seed) counted once (the first FINISHED run): {dup} more {_runs(dup)} of a "
+            "group and seed already counted collapsed" if dup else ". Collapsed (a group and seed counted once): none")
     return txt + "."
 
 

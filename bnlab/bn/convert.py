@@ -19,7 +19,8 @@ from bnlab.bn.module import BatchNorm, BatchNorm1d, BatchNorm2d
 # to the module is accepted here too), minus the shape and affine, which the old layer fixes.
 _BNLAB_OPTIONS = tuple(n for n, p in inspect.signature(BatchNorm.__init__).parameters.items()
                        if p.kind == p.KEYWORD_ONLY and n != "affine")
-_EXTRA_OPTIONS = ("decay", "eval_stats")  # TF convention for momentum; evaluation statistics
+# TF convention for momentum; evaluation statistics; learned (True) or fixed (False) gamma and beta.
+_EXTRA_OPTIONS = ("decay", "eval_stats", "affine")
 _TORCH_OPTIONS = ("momentum", "decay", "eps")
 
 
@@ -65,7 +66,8 @@ def _bnlab_from(old: nn.Module, options: Dict) -> BatchNorm:
                 "eval_stats": "running" if tracks else "batch"}
     base.update(options)
     eval_stats = base.pop("eval_stats", "running")
-    new = cls(old.num_features, affine=old.affine, **base)
+    affine = base.pop("affine", old.affine)
+    new = cls(old.num_features, affine=affine, **base)
     new.eval_stats = eval_stats
     ref = _reference(old)
     new.to(device=ref.device, dtype=ref.dtype)
@@ -129,7 +131,9 @@ def _torch_from(old: nn.Module, options: Dict) -> nn.Module:
 def convert_bn(model: nn.Module, *, to: str = "bnlab", inplace: bool = False, **bn_options) -> nn.Module:
     """Replace every torch.nn BatchNorm (1d/2d/3d, also SyncBatchNorm) and bnlab BatchNorm of `model`
     by a bnlab BatchNorm configured with `bn_options` (momentum or decay, eps, running_var, track,
-    update_stats, impl, shadow_momenta, eval_stats...; the rest taken from the old layer), or with
+    update_stats, impl, shadow_momenta, ghost_batch_size, eval_stats, affine...; the rest taken from
+    the old layer; affine=False only over gamma/beta still at 1 and 0, affine=True over a layer
+    without them adds gamma = 1, beta = 0), or with
     to="torch" by torch.nn.BatchNorm1d/2d (options: momentum or decay, eps) where the variant allows.
 
     The new layer uses the same weight and bias Parameters (an optimiser built before keeps working
@@ -164,7 +168,13 @@ def convert_bn(model: nn.Module, *, to: str = "bnlab", inplace: bool = False, **
         if any(isinstance(p, UninitializedParameter) for p in old.parameters(recurse=False)):
             raise ValueError(f"a lazy {type(old).__name__} must see one batch before conversion")
         new = _bnlab_from(old, options) if to == "bnlab" else _torch_from(old, options)
-        if old.affine:
+        if old.affine and not new.affine:
+            # Fixed gamma = 1, beta = 0 replace the old ones: exact only while those are still there.
+            with torch.no_grad():
+                if not (bool((old.weight == 1).all()) and bool((old.bias == 0).all())):
+                    raise ValueError(f"affine=False would drop the gamma/beta of a {type(old).__name__} that "
+                                     f"are no longer 1 and 0")
+        elif old.affine:
             # The same Parameter objects: values, gradients and optimiser state stay attached.
             new.weight, new.bias = old.weight, old.bias
         new.train(old.training)
