@@ -236,7 +236,9 @@ class TrainStep:
                 out = self.model(xb)
         else:
             out = self.model(xb)
-        loss = F.cross_entropy(out.float(), yb)
+        # Under autocast the loss is taken in float32; otherwise in the model's own dtype (a float64
+        # model, as the compile test's reference, keeps float64 logits).
+        loss = F.cross_entropy(out.float() if self.amp else out, yb)
         return loss, (out.argmax(1) == yb).sum()
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:

@@ -68,21 +68,48 @@ def test_bf16_autocast_trains_with_bn_in_float32():
     assert out["val/acc_batch_stats"] > 0.5 and abs(out["val/acc"] - plain["val/acc"]) < 0.15, (out, plain)
 
 
-@pytest.mark.slow
-def test_compiled_step_matches_eager_to_rounding():
-    """train.compile=true (inductor; needs gcc on CPU): the same maths, different rounding."""
-    cfg = cfg_with(epochs=1, compile=True)
+def _steps(compile: bool, dtype: torch.dtype, n: int):
+    """n SGD steps (lr 1.0, LeNet-ReLU) through TrainStep; the parameters and BN buffers after each."""
+    cfg = cfg_with(epochs=1, compile=compile)
     cfg.model = ModelConfig(activation=Activation.relu)
-    eager_cfg = cfg_with(epochs=1)
-    eager_cfg.model = ModelConfig(activation=Activation.relu)
-    a, b = train_mod.setup(cfg), train_mod.setup(eager_cfg)
-    for xb, yb in zip(a.ds.x_train[:96].split(32), a.ds.y_train[:96].split(32)):
-        a.step(xb, yb)
-        b.step(xb, yb)
-    la, lb = a.step.sums()[0], b.step.sums()[0]
-    assert la == pytest.approx(lb, rel=1e-4)
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5)
+    s = train_mod.setup(cfg)
+    s.model.to(dtype)  # before the first call, so that compilation sees this dtype
+    states, losses = [], []
+    for xb, yb in zip(s.ds.x_train[:32 * n].to(dtype).split(32), s.ds.y_train[:32 * n].split(32)):
+        s.step.reset()
+        s.step(xb, yb)
+        losses.append(s.step.sums()[0] / len(yb))
+        states.append({k: v.detach().clone() for k, v in s.model.state_dict().items()})
+    return states, losses
+
+
+@pytest.mark.slow
+def test_compiled_step_is_the_eager_maths():
+    """train.compile=true (inductor; needs gcc on CPU) computes what the eager step computes.
+
+    Compared in float64, where rounding cannot hide a difference: measured on a 2-core AMD EPYC,
+    compiled and eager float64 agree to 3e-14 over 8 steps. In float32 no such bound holds at
+    lr 1.0: moving every eager weight by ONE ulp moves the weights by 1.7e-3 after 3 steps (225
+    elements outside rtol 1e-3), and compiled32 vs eager32 differ by 6e-6 after 3 steps and 1.5e-3
+    after 5, no farther from the float64 run than the perturbed eager run (benchmarks/compile_rounding.py).
+    So float32 is promised one step only, within float32 rounding of the float64 reference."""
+    n = 3
+    c64, lc64 = _steps(True, torch.float64, n)
+    e64, le64 = _steps(False, torch.float64, n)
+    for i in range(n):  # parameters, running statistics and num_batches_tracked, after every step
+        for k in e64[i]:
+            torch.testing.assert_close(c64[i][k], e64[i][k], rtol=1e-10, atol=1e-10, msg=f"step {i + 1}: {k}")
+    assert lc64 == pytest.approx(le64, rel=1e-6)  # the epoch sums are kept in float32
+    # one float32 step: compiled and eager within float32 rounding of the float64 run
+    (c32,), _ = _steps(True, torch.float32, 1)
+    (e32,), _ = _steps(False, torch.float32, 1)
+    for k in e64[0]:
+        ref = e64[0][k].double()
+        torch.testing.assert_close(c32[k].double(), ref, rtol=1e-4, atol=1e-4, msg=k)
+        torch.testing.assert_close(e32[k].double(), ref, rtol=1e-4, atol=1e-4, msg=k)
+    # the float64 comparison can fail: float32 rounding alone is far outside its tolerance
+    drift = max((e32[k].double() - e64[0][k]).abs().max().item() for k in e32 if e32[k].is_floating_point())
+    assert drift > 1e-8, drift
 
 
 # ----------------------------------------------------------------------------- the logging process
