@@ -306,7 +306,8 @@ class TrainConfig:
     epochs: int = 10
     # auto = cuda when available, else cpu.
     device: Device = Device.auto
-    # CPU threads for torch (intra-op); null = torch's default.
+    # CPU threads for torch (intra-op); null = the CPUs free to this process at the start of the
+    # run (affinity, cgroup quota, other processes' load: bnlab/threads.py).
     threads: Optional[int] = None
     # Validation examples evaluated one at a time in training mode at the last epoch
     # (val/acc_batch_stats_bs1: the batch-size-1 collapse); 0 = skip.

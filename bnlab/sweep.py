@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 
-from bnlab import describe
+from bnlab import checkpoint, describe
 from bnlab.config import Config, config_hash, flatten
 from bnlab.tracking import (TAG, MlflowTracker, client, ensure_experiment, git_info, is_http,
                             pid_alive, resolve_uri, root_cause, store_lock)
@@ -139,6 +139,42 @@ def expire_stale_claims(uri: Optional[str], experiment: str, h: str) -> int:
     return n
 
 
+def interrupted_run(uri: Optional[str], experiment: str, h: str) -> Optional[str]:
+    """The latest KILLED run of this grid point (SIGKILL, preemption, a time limit, Ctrl-C) with a
+    checkpoint: a relaunch takes it over and resumes it from its last complete epoch."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], max_results=100, order_by=["attributes.start_time DESC"],
+                         filter_string=f"tags.`{TAG}config_hash` = '{h}' and attributes.status = 'KILLED'")
+    # Only a run with a complete epoch has something to resume; one killed earlier stays KILLED.
+    return next((r.info.run_id for r in runs if checkpoint.last_epoch(r.data.tags) is not None), None)
+
+
+def slurm_task() -> Optional[str]:
+    """This SLURM task's identity, the same across requeues (array job + task, else the job id)."""
+    job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if job and task:
+        return f"{job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def end_requeued_claims(uri: Optional[str], experiment: str, h: str) -> int:
+    """A claim left RUNNING by an earlier attempt of this very SLURM task (preempted or timed out,
+    then requeued by submitit) is ended KILLED at once, so that this attempt resumes it."""
+    me = slurm_task()
+    if not me:
+        return 0
+    c, n = client(uri), 0
+    for r in claims(uri, experiment, h):
+        if r.data.tags.get(TAG + "slurm_task") == me:
+            c.set_tag(r.info.run_id, TAG + "error", f"SLURM task {me} requeued; resumed by its next attempt")
+            c.set_terminated(r.info.run_id, status="KILLED")
+            n += 1
+    return n
+
+
 def _owner(run) -> str:
     t = run.data.tags
     return f"run {run.info.run_id} (host {t.get(TAG + 'host', '?')}, pid {t.get(TAG + 'pid', '?')})"
@@ -181,6 +217,9 @@ def _lost_claim(uri: Optional[str], exp: str, h: str, mine: str) -> Optional[str
     live = [r for r in claims(uri, exp, h) if time.time() - _beat(r) <= claim_timeout_s()]
     if live and live[0].info.run_id != mine:
         return f"config {h} is being trained by {_owner(live[0])}"
+    if live and (live[0].data.tags.get(TAG + "pid"), live[0].data.tags.get(TAG + "host")) != (
+            str(os.getpid()), socket.gethostname()):  # two processes took over the same KILLED run
+        return f"config {h} is being resumed by {_owner(live[0])}"
     done = finished_run(uri, exp, h)  # after the claims: see job_context
     if done:
         return f"config {h} already has FINISHED run {done}"
@@ -212,6 +251,7 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
         if not multirun:
             return JobContext(tracker, tags=tags, uri=uri)  # a single run is always trained
         expire_stale_claims(uri, exp, h)
+        end_requeued_claims(uri, exp, h)
         # Claims first, then FINISHED runs: a claim that ends between the two queries (its owner
         # does not take the lock to finish) is then seen as FINISHED, never missed by both.
         live = claims(uri, exp, h)
@@ -223,7 +263,14 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
             # changes only how the job runs lands here too.
             return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done} (execution "
                               f"fields such as train.device do not retrain it; tracking.resume=false does)")
-        tracker.claim({**tags, TAG + "config_hash": h})
+        if slurm_task():
+            tags[TAG + "slurm_task"] = slurm_task()
+        killed = interrupted_run(uri, exp, h) if cfg.tracking.resume else None
+        if killed:
+            tracker.take_over(killed, {**tags, TAG + "config_hash": h})
+            log.info("resuming interrupted run %s", killed)
+        else:
+            tracker.claim({**tags, TAG + "config_hash": h})
     if is_http(uri):
         lost = _lost_claim(uri, exp, h, tracker.run_id)
         if lost:

@@ -236,6 +236,7 @@ class MlflowTracker:
         self.run_name = run_name
         self.parent_run_id = parent_run_id
         self.run_id: Optional[str] = None
+        self.resumed = False  # True once take_over() claimed an interrupted run
         self._client = None
 
     def _fail(self, what: str, e: BaseException) -> StoreError:
@@ -257,8 +258,77 @@ class MlflowTracker:
         self.run_id = run.info.run_id
         return self.run_id
 
+    def take_over(self, run_id: str, tags: Mapping[str, str]) -> str:
+        """Claim an interrupted (KILLED) run of this grid point instead of a new one: it turns
+        RUNNING again under this process, and train() resumes it from its last checkpoint."""
+        from mlflow.entities import RunTag
+
+        try:
+            self._client = client(self.uri)
+            self._client.update_run(run_id, status="RUNNING")
+            ts = {**tags, **owner_tags(), **heartbeat_tag(), TAG + "resumed": f"{time.time():.0f}"}
+            self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in ts.items()])
+        except Exception as e:
+            raise self._fail("the take-over of an interrupted run", e) from e
+        self.run_id, self.resumed = run_id, True
+        return run_id
+
+    def load_checkpoint(self) -> Optional[Tuple[Optional[bytes], int]]:
+        """(the last complete epoch's checkpoint, None if it was killed in its first epoch; the
+        last step-level step logged) of a run taken over; None for a new run."""
+        from bnlab import checkpoint as ck
+
+        if not getattr(self, "resumed", False):
+            return None
+        import tempfile
+
+        run = self._client.get_run(self.run_id)
+        epoch, blob = ck.last_epoch(run.data.tags), None
+        if epoch is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = self._client.download_artifacts(self.run_id, f"{ck.CHECKPOINT_DIR}/{ck.name(epoch)}", tmp)
+                blob = Path(path).read_bytes()
+        # Step-level curves may run past the checkpoint (logged during the epoch that was cut short).
+        steps = [k for k in run.data.metrics if k.startswith("step/")]
+        last_step = max((m.step for m in self._client.get_metric_history(self.run_id, steps[0])), default=0) \
+            if steps else 0
+        return blob, last_step
+
+    def checkpoint(self, epoch: int, metrics: Mapping[str, float], blob: bytes) -> None:
+        """The epoch's checkpoint file first, then its metrics with the checkpoint tag in one store
+        write (the commit point: a kill in between leaves the previous checkpoint in force), then
+        the previous epoch's file is removed."""
+        import tempfile
+
+        from bnlab import checkpoint as ck
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / ck.name(epoch)
+                path.write_bytes(blob)
+                self._client.log_artifact(self.run_id, str(path), ck.CHECKPOINT_DIR)
+        except Exception as e:
+            raise self._fail(f"the checkpoint of epoch {epoch}", e) from e
+        self.log_epoch(epoch, metrics, {ck.EPOCH_TAG: str(epoch)})
+        if epoch > 1:
+            self._delete_artifacts(f"{ck.CHECKPOINT_DIR}/{ck.name(epoch - 1)}")
+
+    def _delete_artifacts(self, path: str) -> None:
+        # MlflowClient has no delete; the run's artifact repository has (file and mlflow-artifacts).
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            uri = self._client.get_run(self.run_id).info.artifact_uri
+            get_artifact_repository(uri, tracking_uri=self.uri).delete_artifacts(path)
+        except Exception as e:  # noqa: BLE001 - a leftover file costs disk, not correctness
+            log.warning("could not delete artifact %s of run %s: %s", path, self.run_id, root_cause(e))
+
     def abandon(self) -> None:
-        """Withdraw a claim that lost to another process's (the run is deleted, not counted)."""
+        """Withdraw a claim that lost to another process's (the run is deleted, not counted; a run
+        taken over is only let go)."""
+        if getattr(self, "resumed", False):
+            self.run_id = None
+            return
         if self.run_id is not None:
             self._client.set_terminated(self.run_id, status="KILLED")
             self._client.delete_run(self.run_id)
@@ -279,14 +349,14 @@ class MlflowTracker:
         except Exception as e:
             raise self._fail("params, tags and config.yaml", e) from e
 
-    def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
+    def log_epoch(self, step: int, metrics: Mapping[str, float], tags: Optional[Mapping[str, str]] = None) -> None:
         """Every metric of one epoch, and the heartbeat, in a single call (one SQLite transaction /
         HTTP request)."""
         from mlflow.entities import Metric, RunTag
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        beat = [RunTag(k, v) for k, v in heartbeat_tag().items()]
+        beat = [RunTag(k, v) for k, v in {**heartbeat_tag(), **(tags or {})}.items()]
         try:
             self._client.log_batch(self.run_id, metrics=batch, tags=beat)
         except Exception as e:
@@ -318,6 +388,14 @@ class MlflowTracker:
     def end(self, status: str, error: Optional[str] = None) -> None:
         if self.run_id is None:
             return
+        if status == "FINISHED":  # the final model is kept (log_model); checkpoints are not needed
+            from bnlab import checkpoint as ck
+
+            self._delete_artifacts(ck.CHECKPOINT_DIR)
+            try:
+                self._client.delete_tag(self.run_id, ck.EPOCH_TAG)
+            except Exception:  # noqa: BLE001 - never set (no epoch completed), or already gone
+                pass
         if error:
             self.set_tags({TAG + "error": error[:5000]})
         try:
@@ -462,6 +540,17 @@ class BackgroundTracker:
 
     def set_tags(self, tags) -> None:
         self._call("set_tags", dict(tags))
+
+    def load_checkpoint(self):
+        """The wrapped tracker's checkpoint of a run it took over (None: nothing to resume)."""
+        return getattr(self.tracker, "load_checkpoint", lambda: None)()
+
+    def checkpoint(self, epoch: int, metrics, blob: bytes) -> None:
+        """The epoch's metrics with its checkpoint; a tracker that keeps none only logs the metrics."""
+        if hasattr(self.tracker, "checkpoint"):
+            self._call("checkpoint", epoch, dict(metrics), blob)
+        else:
+            self.log_epoch(epoch, metrics)
 
     def log_model(self, state, config_text: str) -> None:
         # A tracker of the user's own (train(cfg, tracker)) need not keep models: skip it then.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import sys
 import time
 import traceback
@@ -16,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab import bn as bnm
+from bnlab import checkpoint as ckpt
 from bnlab import describe
 from bnlab.config import DIVERGED_LOSS, Config, ConfigError, Device, config_hash
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.load import model_artifact
 from bnlab.models import build_model, natural_shape
 from bnlab.schedule import lr_at
+from bnlab.threads import auto_threads
 from bnlab.tracking import TAG, BackgroundTracker, NullTracker, StoreError
 
 log = logging.getLogger("bnlab")
@@ -303,10 +307,25 @@ class Setup:
     lr: float = float("nan")  # the rate of the last step
 
 
+def set_threads(threads: Optional[int]) -> int:
+    """train.threads, else as many as the CPUs free to this process right now (bnlab.threads):
+    torch's default (every core) oversubscribes a shared machine, 10-20x slower measured here."""
+    if not threads:
+        choice = auto_threads()
+        threads = choice.threads
+        log.info("%s", choice.why())
+    torch.set_num_threads(threads)
+    try:
+        # Inter-op work (torch.jit.fork) is unused in training: one pool thread, not one per core.
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # settable once per process, before any inter-op work
+        pass
+    return threads
+
+
 def setup(cfg: Config, data: Optional[Dataset] = None) -> Setup:
     """Threads, device, data on the device, seeded model and optimiser, and the step function."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     if cfg.train.cuda_graphs and device.type == "cuda" and cfg.bn.enabled and (
             cfg.bn.momentum is None or None in cfg.bn.shadow_momenta):
@@ -389,6 +408,14 @@ def step_metrics(s: Setup, cfg: Config, val: Tuple[torch.Tensor, torch.Tensor]) 
 
 # ----------------------------------------------------------------------------- one run
 
+def after_epoch(epoch: int) -> None:
+    """Named fault point, after an epoch's metrics and checkpoint are written: with
+    BNLAB_FAULT=kill_after_epoch:N the process SIGKILLs itself after epoch N (tests of resume)."""
+    spec = os.environ.get("BNLAB_FAULT", "")
+    if spec.startswith("kill_after_epoch:") and epoch == int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
           extra_tags: Optional[Dict[str, str]] = None, config_text: str = "") -> Dict[str, float]:
     """Train one model as configured, evaluate every epoch, log through `tracker`.
@@ -419,14 +446,27 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
     tracker = BackgroundTracker(tracker or NullTracker(), process=s.device.type == "cuda")
     tracker.start(params, tags, config_text)
     final: Dict[str, float] = {}
+    # A run taken over after a kill continues after its last complete epoch (bnlab.checkpoint).
+    done, logged_step = 0, 0
+    try:
+        resumed = tracker.load_checkpoint()
+        if resumed is not None:
+            blob, logged_step = resumed
+            if blob is not None:
+                done, final = ckpt.restore(s, ckpt.from_bytes(blob))
+            log.info("resumed after epoch %d of %d (global step %d)", done, cfg.train.epochs, s.global_step)
+    except BaseException as e:
+        tracker.end("FAILED", "could not resume: " + "".join(traceback.format_exception_only(type(e), e)).strip())
+        raise
     on_eval = None
     if cfg.train.eval_every > 0:
         val = eval_subset(s.ds, cfg.train.eval_subset, cfg.data.subset_seed)
 
         def on_eval(step: int) -> None:
-            tracker.log_epoch(step, step_metrics(s, cfg, val))
+            if step > logged_step:  # steps logged before the kill are not logged twice
+                tracker.log_epoch(step, step_metrics(s, cfg, val))
     try:
-        for epoch in range(1, cfg.train.epochs + 1):
+        for epoch in range(done + 1, cfg.train.epochs + 1):
             if cfg.bn.enabled and epoch == cfg.bn.freeze_at:
                 # FrozenBN from here on: population statistics recomputed once (training's batches).
                 bnm.freeze(s.model, _precise_source(s.ds, cfg.data.batch_size, s.gen),
@@ -445,8 +485,9 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
                 break
             m.update(epoch_metrics(s.model, s.ds, cfg, s.gen, final=epoch == cfg.train.epochs))
             m["gap/acc"] = m["train/acc"] - m["val/acc"]
-            tracker.log_epoch(epoch, m)
+            tracker.checkpoint(epoch, m, ckpt.to_bytes(ckpt.capture(s, epoch, m)))
             final = m
+            after_epoch(epoch)
             log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/acc %.4f  %s  (%.0f ex/s)",
                      epoch, cfg.train.epochs, m["train/loss"], m["train/acc"], m["val/acc"],
                      f"val/acc_batch_stats {m['val/acc_batch_stats']:.4f}" if "val/acc_batch_stats" in m else "",
@@ -461,6 +502,9 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
         tracker.flush()  # a failed write is this run's error, handled below
     except KeyboardInterrupt:
         tracker.end("KILLED", "interrupted (Ctrl-C)")
+        raise
+    except SystemExit as e:  # a scheduler's signal handler (submitit's preemption/requeue) exits
+        tracker.end("KILLED", f"stopped by the scheduler (exit {e.code}); a relaunch resumes it")
         raise
     except BaseException as e:
         try:
