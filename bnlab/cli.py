@@ -222,7 +222,8 @@ def check_store(uri: Optional[str]) -> None:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(f"tracking.uri: the store's folder {folder} is not writable")
+            raise ConfigError(f"tracking.uri: the store's folder {folder} is not writable (the default store is "
+                              f"runs/mlflow.db of the project folder: the working directory, or $BNLAB_HOME)")
     elif scheme in ("http", "https"):
         try:
             urllib.request.urlopen(u.rstrip("/") + "/health", timeout=HTTP_CHECK_S).close()

@@ -340,3 +340,15 @@ def test_diagnose_verdicts_name_functions_that_exist():
     for name in names:
         module, _, attr = name.rpartition(".")
         assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+def test_the_report_names_the_version_where_runs_have_no_commit():
+    import pandas as pd
+
+    from bnlab.analysis.report import commits_text
+
+    runs = pd.DataFrame({"git_commit": ["unknown", "unknown", "a" * 40],
+                         "git_dirty": pd.array([pd.NA, pd.NA, False], dtype="boolean"),
+                         "tags.bnlab.version": ["0.1.0", "0.1.0", "0.1.0"]})
+    text = commits_text(runs)
+    assert "`bnlab 0.1.0` (installed, 2 runs)" in text and "`aaaaaaaaaaaa` (clean, 1 run)" in text

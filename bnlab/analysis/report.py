@@ -371,13 +371,14 @@ def commits_text(runs: pd.DataFrame) -> str:
     if runs.empty:
         return "unknown"
     c = runs["git_commit"].fillna("unknown").astype(str)
-    if "tags.bnlab.version" in runs:  # an installed bnlab has no commit: its version says which code ran
-        v = runs["tags.bnlab.version"]
-        c = c.where(c != "unknown", v.map(lambda x: f"bnlab {x}" if isinstance(x, str) else "unknown"))
     d = runs["git_dirty"].map(lambda v: "uncommitted changes" if v is True else
                               ("clean" if v is False else "dirty flag unknown"))
+    if "tags.bnlab.version" in runs:  # an installed bnlab has no commit: its version says which code ran
+        none = (c == "unknown") & runs["tags.bnlab.version"].notna()
+        c, d = c.where(~none, "bnlab " + runs["tags.bnlab.version"].astype(str)), d.where(~none, "installed")
     counts = pd.DataFrame({"c": c, "d": d}).value_counts()
-    return "; ".join(f"`{sha[:12]}` ({state}, {n} run{'s' if n != 1 else ''})" for (sha, state), n in counts.items())
+    return "; ".join(f"`{sha if sha.startswith('bnlab ') else sha[:12]}` ({state}, {n} run{'s' if n != 1 else ''})"
+                     for (sha, state), n in counts.items())
 
 
 def _runs(n: int) -> str:
