@@ -25,7 +25,11 @@ import pandas as pd
 import pytest
 from matplotlib.text import Text
 
-from bnlab.analysis import figures as F
+from bnlab.analysis import frames as fr
+from bnlab.analysis import plot as P
+from bnlab.analysis import stats as S
+from bnlab.analysis.studies import batch_size, momentum, placement, update_ops
+from bnlab.analysis.studies import lr as lr_study
 from bnlab.analysis import report, runs as R
 from bnlab.config import Config, flatten, to_plain
 
@@ -337,7 +341,7 @@ def test_real_training_run_matches_the_contract(store):
     per = curves.groupby("metric")["step"].apply(sorted).to_dict()
     assert per["val/acc"] == [1, 2] and per["val/acc_shadow/0"] == [1, 2]
     assert per["val/acc_batch_stats_bs1"] == [2]  # last epoch only
-    pts = F.shadow_rows(runs)
+    pts = momentum.shadow_rows(runs)
     assert sorted(pts["bn.momentum"].fillna(-1).tolist()) == [-1, 0.0, 0.01]
 
 
@@ -347,20 +351,20 @@ def test_t_interval():
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 3, 4, 5, 9, 29, 100):
         for p in (0.975, 0.995):
-            assert F.t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-9)
-    m, ci, n = F.mean_ci([0.1, 0.2, 0.3, float("nan")])
+            assert S.t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-9)
+    m, ci, n = S.mean_ci([0.1, 0.2, 0.3, float("nan")])
     assert (m, n) == (pytest.approx(0.2), 3) and ci == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-4)
-    assert math.isnan(F.mean_ci([0.5])[1]) and F.mean_ci([])[2] == 0
+    assert math.isnan(S.mean_ci([0.5])[1]) and S.mean_ci([])[2] == 0
     df = pd.DataFrame({"m": [np.nan, np.nan, 0.1, 0.1], "v": [1.0, 3.0, 2.0, np.inf]})
-    agg = F.aggregate(df, ["m"], "v")
+    agg = S.aggregate(df, ["m"], "v")
     assert len(agg) == 2 and agg.loc[agg["m"].isna(), "mean"].item() == 2.0  # None is a group
     assert agg.loc[agg["m"] == 0.1, "n"].item() == 1  # inf is not averaged
 
 
 def test_shadow_rows(store):
     runs = R.load_runs("momentum", store.uri)
-    ok, _, _ = F.split_runs(runs)
-    pts = F.shadow_rows(ok)
+    ok, _, _ = fr.split_runs(runs)
+    pts = momentum.shadow_rows(ok)
     shadowed = ok[ok["bn.shadow_momenta"].map(len) > 0]
     # own row + one per shadow except the shadow equal to the run's own momentum (0.1)
     assert len(pts) == len(ok) + len(shadowed) * (len(SHADOWS) - 1)
@@ -393,7 +397,7 @@ def seed_lines(ax):
 
 def test_fig_update_ops(frames):
     runs, curves = frames["update_ops"]
-    fig = F.fig_update_ops(curves)
+    fig = update_ops.fig_update_ops(curves)
     axes = [a for a in fig.axes if a.get_xlabel() == "epoch"]
     assert len(axes) == 2  # update_stats true and false
     for ax in axes:
@@ -401,18 +405,18 @@ def test_fig_update_ops(frames):
         # n <= 5 seeds: every seed of every metric is also drawn as a thin line under the mean
         n = int(ax.get_title().split("(n=")[1].split()[0])
         assert len(seed_lines(ax)) == 4 * n and all(ln.get_linewidth() < 1 for ln in seed_lines(ax))
-    assert axes[0].get_ylabel() == F.ACC
+    assert axes[0].get_ylabel() == P.ACC
     assert "bn.update_stats=false" in texts(fig) and "precise BN" in texts(fig)
     assert "left out: 1 FAILED run(s)" in texts(fig)
     # false panel: eval-mode val/acc far below train/acc at the last epoch
     false_ax = next(a for a in axes if "false" in a.get_title())
     y = {ln.get_label(): ln.get_ydata()[-1] for ln in data_lines(false_ax)}
-    assert y[F.UPDATE_OPS_METRICS[1][1]] < 0.3 < 0.7 < y[F.UPDATE_OPS_METRICS[0][1]]
+    assert y[update_ops.UPDATE_OPS_METRICS[1][1]] < 0.3 < 0.7 < y[update_ops.UPDATE_OPS_METRICS[0][1]]
 
 
 def test_fig_momentum_keeps_momentum_zero_and_cumulative(frames):
     runs, _ = frames["momentum"]
-    fig = F.fig_momentum(runs)
+    fig = momentum.fig_momentum(runs)
     special = [a for a in fig.axes if a.get_label() == "special-momenta"]
     assert len(special) == 2  # val/acc and gap rows
     points = [[(x, y) for c in ax.containers for x, y in zip(*c.lines[0].get_data())] for ax in special]
@@ -427,13 +431,13 @@ def test_fig_momentum_keeps_momentum_zero_and_cumulative(frames):
     assert "left out: 1 RUNNING run(s)" in texts(fig)
     # value at momentum 0 in the first row is the shadow accuracy (~0.15)
     assert all(abs(y - 0.15) < 0.03 for x, y in points[0] if abs(x) < 0.3)
-    fig_plain = F.fig_momentum(runs, shadows=False)
+    fig_plain = momentum.fig_momentum(runs, shadows=False)
     assert "shadow" not in texts(fig_plain)
 
 
 def test_fig_momentum_heatmap(frames):
     runs, _ = frames["momentum"]
-    fig = F.fig_momentum_heatmap(runs)
+    fig = momentum.fig_momentum_heatmap(runs)
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels[0].startswith("0 ") and labels[-1].startswith("None")
@@ -445,7 +449,7 @@ def test_fig_momentum_heatmap(frames):
 
 def test_fig_batch_size(frames):
     runs, _ = frames["batch_size"]
-    fig = F.fig_batch_size(runs)
+    fig = batch_size.fig_batch_size(runs)
     ax, ax1 = fig.axes[:2]
     assert ax.get_xscale() == "log" and ax.get_xaxis().get_scale() == "log"
     labels = {ln.get_label() for ln in data_lines(ax)}
@@ -460,16 +464,16 @@ def test_fig_batch_size(frames):
 
 def test_fig_lr_marks_diverged_runs(frames):
     runs, _ = frames["lr"]
-    fig = F.fig_lr(runs)
+    fig = lr_study.fig_lr(runs)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and "learning rate" in ax.get_xlabel()
     xs = [ln for ln in ax.get_lines() if ln.get_marker() == "x"]
     got = sorted(round(x, 3) for ln in xs for x in ln.get_xdata())
     # no BN diverged at lr 1 (1 seed) and 10 (2 seeds), BN at 10 (1 seed): 3 (lr, variant) marks
-    assert len(got) == 3 and all(np.allclose(ln.get_ydata(), F.CHANCE) for ln in xs)
+    assert len(got) == 3 and all(np.allclose(ln.get_ydata(), fr.CHANCE) for ln in xs)
     counts = sorted(t.get_text() for t in ax.texts)
     assert counts == ["1", "1", "2"]
-    regions = F.convergence_regions(runs[runs["status"] == "FINISHED"])
+    regions = lr_study.convergence_regions(runs[runs["status"] == "FINISHED"])
     assert regions == {"before_act": [(0.01, 1.0)], "none": [(0.01, 0.1)]}
     band_labels = [ln.get_label() for ln in ax.get_lines() if ln.get_label().startswith("all seeds learn")]
     assert len(band_labels) == 2
@@ -485,16 +489,16 @@ def test_a_run_stuck_at_chance_is_not_in_the_region_of_convergence():
                          "final/train/acc": [r[2] for r in rows], "final/val/acc": [r[2] for r in rows],
                          "diverged": [r[3] for r in rows],
                          "status": "FINISHED", "bn.placement": "none"})
-    assert F.learned(runs).tolist() == [True, True, True, False, True, True, False, False]
-    assert F.convergence_regions(runs) == {"none": [(0.1, 0.1), (10.0, 10.0)]}
-    text = report.caption_lr(runs, None)
+    assert lr_study.learned(runs).tolist() == [True, True, True, False, True, True, False, False]
+    assert lr_study.convergence_regions(runs) == {"none": [(0.1, 0.1), (10.0, 10.0)]}
+    text = lr_study.caption_lr(lr_study.prepare(runs, pd.DataFrame()))
     assert "every seed learns for lr in [0.1, 0.1] and [10, 10]" in text
     assert "diverged: 1 of 2 at lr 100" in text and "stalled (finite loss, no learning): 1 of 2 at lr 1, 1 of 2 at lr 100" in text
 
 
 def test_fig_placement(frames):
     runs, curves = frames["placement"]
-    fig = F.fig_placement(runs, curves)
+    fig = placement.fig_placement(runs, curves)
     tops = [a for a in fig.axes if a.get_xlabel() == "epoch"]
     bars = [a for a in fig.axes if a.patches]
     assert len(tops) == 2 and len(bars) == 2  # sigmoid and relu
@@ -509,30 +513,30 @@ def test_fig_placement(frames):
 
 def test_fig_running_stats_and_curves(frames):
     _, curves = frames["update_ops"]
-    fig = F.fig_running_stats(curves)
+    fig = P.fig_running_stats(curves)
     axes = [a for a in fig.axes if a.get_yscale() == "log"]
     assert len(axes) == 2 and all(len(data_lines(a)) == 2 for a in axes)  # update_stats true / false
     assert "bn.update_stats=false" in texts(fig)
     _, curves = frames["d2l"]
-    fig = F.fig_curves(curves)
+    fig = P.fig_curves(curves)
     assert len([a for a in fig.axes if a.get_xlabel() == "epoch"]) == 2
-    assert F.fig_running_stats(frames["placement"][1].iloc[:0]).axes  # empty input: a figure, no crash
+    assert P.fig_running_stats(frames["placement"][1].iloc[:0]).axes  # empty input: a figure, no crash
 
 
 def test_fig_running_stats_draws_the_momentum_axis_from_shadows(frames):
     """Shadow averages give one line per momentum (at the largest batch size), not per run group."""
     _, curves = frames["momentum"]
-    shadow = F.shadow_stat_curves(curves)
+    shadow = P.shadow_stat_curves(curves)
     assert set(shadow["bn.momentum"]) == set(SHADOWS)
     # each (run, momentum) is its own series; values are the logged shadow ones
     assert shadow.groupby(["run_id", "metric"]).size().max() == EPOCHS
-    fig = F.fig_running_stats(curves)
+    fig = P.fig_running_stats(curves)
     axes = [a for a in fig.axes if a.get_yscale() == "log"]
     assert len(axes) == 2 and all(len(data_lines(a)) == len(SHADOWS) for a in axes)
     assert "batch size 256" in texts(fig) and "shadow" in texts(fig)
     # without shadow metrics the figure groups runs as before
     plain = curves[~curves["metric"].str.contains("_shadow/")]
-    assert F.shadow_stat_curves(plain).empty
+    assert P.shadow_stat_curves(plain).empty
 
 
 def test_figures_render_without_usable_runs(store, frames):
@@ -541,11 +545,11 @@ def test_figures_render_without_usable_runs(store, frames):
     cases = [(failed, curves[curves["run_id"].isin(failed["run_id"])]),
              (R.load_runs("no_such_study", store.uri), R.load_curves("no_such_study", store.uri))]
     for r, c in cases:
-        for fig in (F.fig_update_ops(c, runs=r), F.fig_momentum(r), F.fig_momentum_heatmap(r),
-                    F.fig_batch_size(r), F.fig_lr(r), F.fig_placement(r, c), F.fig_running_stats(c, runs=r),
-                    F.fig_curves(c, runs=r)):
+        for fig in (update_ops.fig_update_ops(c, runs=r), momentum.fig_momentum(r), momentum.fig_momentum_heatmap(r),
+                    batch_size.fig_batch_size(r), lr_study.fig_lr(r), placement.fig_placement(r, c), P.fig_running_stats(c, runs=r),
+                    P.fig_curves(c, runs=r)):
             assert fig.get_suptitle() and fig.axes
-    assert "left out: 1 FAILED run(s)" in texts(F.fig_update_ops(cases[0][1], runs=failed))
+    assert "left out: 1 FAILED run(s)" in texts(update_ops.fig_update_ops(cases[0][1], runs=failed))
 
 
 def test_a_study_with_only_its_sweep_parent_has_no_runs(store):
@@ -582,7 +586,7 @@ def test_report_writes_every_study(store, tmp_path, capsys):
     # captions state the numbers computed from the runs
     runs = R.load_runs("update_ops", store.uri)
     off = runs[(runs["status"] == "FINISHED") & ~runs["bn.update_stats"]]
-    assert f"With bn.update_stats=false, final val/acc in eval mode is {report.stat(off['final/val/acc'])}" in md
+    assert f"With bn.update_stats=false, final val/acc in eval mode is {S.stat(off['final/val/acc'])}" in md
     assert "(n=3)" in md
     summary = pd.read_csv(out / "update_ops" / "summary.csv")
     row = summary[summary["bn.update_stats"] == False].iloc[0]  # noqa: E712

@@ -1,12 +1,14 @@
 """bnlab-report: every study's figures (PNG + SVG), summary.csv and a REPORT.md whose sections open
-with a claim table (claims.py) and whose captions state the findings in numbers (mean and 95%
-interval, n seeds), how to reproduce them and the code's git commit.
+with a claim table and whose captions state the findings in numbers (mean and 95% interval, n
+seeds), how to reproduce them and the code's git commit. What a section holds is the study's own
+analysis (analysis/study.py: built-in, named by its YAML, or the default section): this module knows
+no study by name.
 
     bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]
 
 Defaults: every known study (bnlab.studies: bnlab's and the project's conf/study/) that has runs, the project's store, <project>/results.
 A study section already in DIR is never replaced by one with fewer runs used in the means (a store
-with fewer or only failed runs) unless --force is given; each config hash counts once.
+with fewer or only failed runs) unless --force is given; each (config group, seed) counts once.
 """
 from __future__ import annotations
 
@@ -14,354 +16,45 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
-from bnlab.analysis import figures as F
-from bnlab.analysis.claims import acc as acc_text
-from bnlab.analysis.claims import claims_table
-from bnlab.analysis.runs import FINAL, StoreNotFound, list_experiments, load_curves, load_runs
+from bnlab.analysis import frames as fr
+from bnlab.analysis import plot as P
+from bnlab.analysis import stats as S
+from bnlab.analysis import study as ST
+from bnlab.analysis import verdicts as V
+from bnlab.analysis.runs import COLLAPSE_RULE, StoreNotFound, list_experiments, load_curves, load_runs
 from bnlab.config import DIVERGED_LOSS
 from bnlab import studies as study_files
 from bnlab.tracking import project_home, resolve_uri
 
-KNOWN_STUDIES = ["smoke", "update_ops", "momentum", "batch_size", "lr", "placement", "d2l", "ema_vs_precise",
-                 "precise_samples", "norm_batch", "gamma_beta"]
 USAGE = "usage: bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]"
+
+
 DPI = 120
 
-
-# ------------------------------------------------------------------------------ numbers in words
-
-def stat(values) -> str:
-    """'0.153 ± 0.021 (n=3)': mean ± 95% t-interval half-width over seeds; no ± for n=1. For an
-    accuracy (a Series named like final/val/acc) the logit-scale interval: '0.853 [0.840, 0.866] (n=3)'."""
-    if F.is_accuracy(str(getattr(values, "name", "") or "")):
-        return acc_text(values, str(values.name))
-    m, ci, n = F.mean_ci(values)
-    if n == 0:
-        return "n/a"
-    return f"{m:.3f} ± {ci:.3f} (n={n})" if np.isfinite(ci) else f"{m:.3f} (n={n})"
-
-
-def _col(frame: pd.DataFrame, metric: str) -> pd.Series:
-    return frame[FINAL + metric] if FINAL + metric in frame else pd.Series(dtype=float)
-
-
-def _fmt_lr(v: float) -> str:
-    return f"{v:g}"
-
-
-def caption_update_ops(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    parts = []
-    for v in (False, True):
-        s = ok[ok["bn.update_stats"] == v] if "bn.update_stats" in ok else ok.iloc[:0]
-        if s.empty:
-            continue
-        txt = (f"With bn.update_stats={str(v).lower()}, final val/acc in eval mode is {stat(_col(s, 'val/acc'))} "
-               f"while train/acc is {stat(_col(s, 'train/acc'))}")
-        if FINAL + "val/acc_batch_stats" in s:
-            txt += f"; batch statistics give {stat(_col(s, 'val/acc_batch_stats'))}"
-        if FINAL + "val/acc_precise_bn" in s:
-            txt += f"; precise BN {'restores' if not v else 'gives'} {stat(_col(s, 'val/acc_precise_bn'))}"
-        parts.append(txt + ".")
-    return " ".join(parts) or "No finished runs."
-
-
-def _group_finals(curves: pd.DataFrame, metrics: Sequence[str], max_groups: int = 8) -> List[str]:
-    """'<group>: metric a, metric b' at each run's last logged step, per config group."""
-    ok = F._usable_curves(curves)
-    ok = ok[ok["metric"].isin(metrics)] if not ok.empty else ok
-    if ok.empty:
-        return []
-    last = ok.sort_values("step").groupby(["run_id", "metric"]).tail(1)
-    wide = last.pivot(index="run_id", columns="metric", values="value")
-    meta = ok.drop_duplicates("run_id").set_index("run_id")
-    groups = F.varying(meta.reset_index())
-    wide = wide.join(meta[groups]) if groups else wide
-    out = []
-    keys = wide[groups].apply(F._hashable).drop_duplicates() if groups else pd.DataFrame(index=[0])
-    for _, key in keys.head(max_groups).iterrows():
-        sel = wide
-        for c in groups:
-            sel = sel[F._same(sel[c].pipe(F._hashable), key[c])]
-        vals = ", ".join(f"{m} {stat(sel[m])}" for m in metrics if m in sel)
-        out.append(f"{F.group_label(key, groups)}: {vals}")
-    if len(keys) > max_groups:
-        out.append(f"(and {len(keys) - max_groups} more groups in summary.csv)")
-    return out
-
-
-def caption_running_stats(runs, curves) -> str:
-    curves, _, _ = F.running_stats_curves(curves)  # what the figure draws
-    lines = _group_finals(curves, ["bnstats/mean_err", "bnstats/var_err"])
-    if not lines:
-        return "No bnstats/* metrics were logged."
-    return "Distance of the running statistics to the precise-BN population statistics at the last epoch: " \
-        + "; ".join(lines) + "."
-
-
-def caption_momentum(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    if ok.empty:
-        return "No finished runs."
-    pts = F.shadow_rows(ok)
-    parts = []
-    for b in sorted(pts["data.batch_size"].unique()):
-        sub = pts[pts["data.batch_size"] == b]
-        agg = F.aggregate(sub, ["bn.momentum"], FINAL + "val/acc")
-        if agg.empty:
-            continue
-        best, worst = agg.loc[agg["mean"].idxmax()], agg.loc[agg["mean"].idxmin()]
-        txt = (f"batch size {b:g}: best val/acc {_agg(best)} at momentum {F.momentum_label(best['bn.momentum'])}, "
-               f"worst {_agg(worst)} at momentum {F.momentum_label(worst['bn.momentum'])}")
-        if FINAL + "gap/acc" in sub:
-            g = F.aggregate(sub, ["bn.momentum"], FINAL + "gap/acc")
-            if not g.empty:
-                big = g.loc[g["mean"].idxmax()]
-                txt += f"; largest gap {_agg(big)} at momentum {F.momentum_label(big['bn.momentum'])}"
-        parts.append(txt)
-    shadows = (pts["momentum_source"] == "shadow").any()
-    src = (" Momenta other than each run's own bn.momentum come from its shadow running averages "
-           "(val/acc_shadow/<m>; training is the same for every momentum).") if shadows else ""
-    return "Final eval-mode accuracy per BN momentum (mean ± 95% CI over seeds): " + "; ".join(parts) + "." + src
-
-
-def _agg(row) -> str:
-    ci = row["ci"]
-    n = int(row["n"])
-    if bool(row.get("bounded", False)) and np.isfinite(row.get("lo", np.nan)):
-        return f"{row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}] (n={n})"
-    return f"{row['mean']:.3f} ± {ci:.3f} (n={n})" if np.isfinite(ci) else f"{row['mean']:.3f} (n={n})"
-
-
-def caption_heatmap(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    if ok.empty or FINAL + "gap/acc" not in ok:
-        return "No finished runs with gap/acc."
-    agg = F.aggregate(F.shadow_rows(ok), ["bn.momentum", "data.batch_size"], FINAL + "gap/acc")
-    hi, lo = agg.loc[agg["mean"].idxmax()], agg.loc[agg["mean"].idxmin()]
-    return (f"The train−val gap is largest, {_agg(hi)}, at momentum {F.momentum_label(hi['bn.momentum'])} "
-            f"and batch size {hi['data.batch_size']:g}, and smallest, {_agg(lo)}, at momentum "
-            f"{F.momentum_label(lo['bn.momentum'])} and batch size {lo['data.batch_size']:g} "
-            f"({len(agg)} cells).")
-
-
-def caption_batch_size(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    if ok.empty:
-        return "No finished runs."
-    bn, nobn = ok[ok["bn.placement"] != "none"], ok[ok["bn.placement"] == "none"]
-    parts = []
-    for b in sorted({ok["data.batch_size"].min(), ok["data.batch_size"].max()}):
-        s, n = bn[bn["data.batch_size"] == b], nobn[nobn["data.batch_size"] == b]
-        txt = f"at batch size {b:g}, with BN: running statistics {stat(_col(s, 'val/acc'))}"
-        if FINAL + "val/acc_batch_stats" in s:
-            txt += f", batch statistics {stat(_col(s, 'val/acc_batch_stats'))}"
-        if FINAL + "val/acc_precise_bn" in s:
-            txt += f", precise BN {stat(_col(s, 'val/acc_precise_bn'))}"
-        if not n.empty:
-            txt += f"; without BN {stat(_col(n, 'val/acc'))}"
-        parts.append(txt)
-    out = "Final val/acc " + "; ".join(parts) + "."
-    if FINAL + "val/acc_batch_stats_bs1" in bn and bn[FINAL + "val/acc_batch_stats_bs1"].notna().any():
-        out += (" Batch statistics from one example per batch give "
-                f"{stat(_col(bn, 'val/acc_batch_stats_bs1'))} over all BN runs (chance: {F.CHANCE:g}).")
-    return out
-
-
-def caption_lr(runs, curves) -> str:
-    fin = runs[runs["status"].eq("FINISHED")]
-    if fin.empty:
-        return "No finished runs."
-    regions = F.convergence_regions(fin)
-    fin = fin.assign(_learned=F.learned(fin))
-    parts = []
-    for pl, g in fin.groupby("bn.placement"):
-        ok = g[~g["diverged"].astype(bool)]
-        agg = F.aggregate(ok, ["optim.lr"], FINAL + "val/acc")
-        spans = regions.get(str(pl), [])
-        reg = " and ".join(f"[{_fmt_lr(lo)}, {_fmt_lr(hi)}]" for lo, hi in spans) or "no learning rate"
-        txt = f"{F._variant(pl)}: every seed learns for lr in {reg}"
-        # The best rate among those where every seed learned: a mean over the survivors would flatter.
-        safe = agg[agg["optim.lr"].map(lambda x: any(lo <= x <= hi for lo, hi in spans))]
-        if not safe.empty:
-            best = safe.loc[safe["mean"].idxmax()]
-            txt += f", where the best val/acc is {_agg(best)} at lr {_fmt_lr(best['optim.lr'])}"
-        for what, sel in (("diverged", g["diverged"].astype(bool)),
-                          ("stalled (finite loss, no learning)", ~g["diverged"].astype(bool) & ~g["_learned"])):
-            per = g[sel].groupby("optim.lr").size()
-            if not per.empty:
-                txt += f"; {what}: " + ", ".join(f"{k} of {int((g['optim.lr'] == lr).sum())} at lr {_fmt_lr(lr)}"
-                                                 for lr, k in per.items())
-        parts.append(txt)
-    return ("A run learns when its loss stays finite and its final train/acc is at least "
-            f"{F.LEARNED:g} (twice chance). " + ". ".join(p[0].upper() + p[1:] for p in parts) + ".")
-
-
-def caption_placement(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    if ok.empty:
-        return "No finished runs."
-    parts = []
-    for act, g in ok.groupby("model.activation"):
-        vals = ", ".join(f"{F.PLACEMENT_LABEL.get(pl, pl)} {stat(_col(s, 'val/acc'))}"
-                         for pl, s in g.groupby("bn.placement"))
-        parts.append(f"{act}: {vals}")
-    return "Final val/acc, " + "; ".join(parts) + "."
-
-
-def caption_curves(runs, curves) -> str:
-    lines = _group_finals(curves, ["train/acc", "val/acc"])
-    return ("Last-epoch accuracy: " + "; ".join(lines) + ".") if lines else "No finished runs."
-
-
-def caption_ema_vs_precise(runs, curves) -> str:
-    wide = F.step_wide(curves)
-    if wide.empty:
-        return "No step-level metrics."
-    gaps = F.ema_gaps(wide)
-    changes = F._lr_changes(wide)
-    cut = changes[0] if changes else wide["step"].max() + 1
-    parts = []
-    for m, g in gaps.groupby("momentum"):
-        early = g[g["step"] < cut].groupby("run_id")["gap"].mean()
-        late = g[g["step"] > (changes[-1] if changes else cut)].groupby("run_id")["gap"].mean()
-        parts.append(f"momentum {m:g}: {stat(early)} before the first decay, {stat(late)} after the last")
-    return ("Precise-BN minus EMA val/acc on the step-level subset, averaged per run over the evaluations of each "
-            "phase (mean ± 95% CI over runs): " + "; ".join(parts) + ".")
-
-
-def caption_precise_samples(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    rows = F.precise_size_rows(ok)
-    if rows.empty:
-        return "No val/acc_precise_bn/<n> metrics."
-    parts = [f"{int(n)}: {stat(g['acc'].rename(FINAL + 'val/acc'))}" for n, g in rows.groupby("samples")]
-    return ("Precise-BN val/acc by calibration samples: " + "; ".join(parts)
-            + f". EMA running statistics: {stat(_col(ok, 'val/acc'))}.")
-
-
-def caption_norm_batch(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    if ok.empty:
-        return "No finished runs."
-    ok = ok.assign(_norm=F.norm_batch_size(ok), _frozen=F._frozen(ok))
-    parts = []
-    for (nb, fr), g in ok.groupby(["_norm", "_frozen"]):
-        if fr:  # a frozen model's val/acc uses the frozen population statistics it trained with
-            parts.append(f"FrozenBN at normalisation batch {nb:g}: train/acc (last epoch frozen) "
-                         f"{stat(_col(g, 'train/acc'))}, val/acc with the frozen statistics {stat(_col(g, 'val/acc'))}, "
-                         f"with mini-batch statistics {stat(_col(g, 'val/acc_batch_stats'))}")
-            continue
-        parts.append(f"BN at normalisation batch {nb:g}: train/acc {stat(_col(g, 'train/acc'))}, val/acc with "
-                     f"mini-batch statistics {stat(_col(g, 'val/acc_batch_stats'))}, with population statistics "
-                     f"{stat(_col(g, 'val/acc_precise_bn'))}, EMA {stat(_col(g, 'val/acc'))}")
-    return "Final accuracies: " + "; ".join(parts) + "."
-
-
-def caption_gamma_beta(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    if ok.empty:
-        return "No finished runs."
-    parts = [f"{act}, bn.affine={str(bool(aff)).lower()}: val/acc {stat(_col(g, 'val/acc'))}, train/acc "
-             f"{stat(_col(g, 'train/acc'))}" for (act, aff), g in ok.groupby(["model.activation", "bn.affine"])]
-    return "Final accuracies: " + "; ".join(parts) + "."
-
-
-def caption_d2l_spread(runs, curves) -> str:
-    ok, _, _ = F.split_runs(runs)
-    if ok.empty:
-        return "No finished runs."
-    v = ok[FINAL + "val/acc"].dropna()
-    p = ok[FINAL + "val/acc_precise_bn"].dropna() if FINAL + "val/acc_precise_bn" in ok else v.iloc[:0]
-    return (f"Final val/acc over {len(v)} seeds: running statistics {stat(v)}, range {v.min():.3f}-{v.max():.3f}, "
-            f"SD {v.std(ddof=1):.3f}; precise BN {stat(p)}, range {p.min():.3f}-{p.max():.3f}, SD "
-            f"{p.std(ddof=1):.3f}; train/acc {stat(_col(ok, 'train/acc'))}. Seed 004 reports 0.878 and 0.796.")
-
-
-# ------------------------------------------------------------------------------ what each study shows
-
-@dataclass
-class FigureSpec:
-    name: str
-    make: Callable[[pd.DataFrame, pd.DataFrame], object]
-    caption: Callable[[pd.DataFrame, pd.DataFrame], str]
-    needs: Callable[[pd.DataFrame, pd.DataFrame], bool] = lambda runs, curves: True
-
-
-def _has_bnstats(runs, curves) -> bool:
-    return not curves.empty and curves["metric"].eq("bnstats/mean_err").any()
-
-
-RUNNING_STATS = FigureSpec("running_stats", lambda r, c: F.fig_running_stats(c, runs=r), caption_running_stats,
-                           _has_bnstats)
-CURVES = FigureSpec("curves", lambda r, c: F.fig_curves(c, runs=r), caption_curves)
-STUDY_FIGURES: Dict[str, List[FigureSpec]] = {
-    "update_ops": [FigureSpec("update_ops", lambda r, c: F.fig_update_ops(c, runs=r), caption_update_ops),
-                   RUNNING_STATS],
-    "momentum": [FigureSpec("momentum", lambda r, c: F.fig_momentum(r), caption_momentum),
-                 FigureSpec("momentum_heatmap", lambda r, c: F.fig_momentum_heatmap(r), caption_heatmap),
-                 RUNNING_STATS],
-    "batch_size": [FigureSpec("batch_size", lambda r, c: F.fig_batch_size(r), caption_batch_size)],
-    "lr": [FigureSpec("lr", lambda r, c: F.fig_lr(r), caption_lr)],
-    "placement": [FigureSpec("placement", F.fig_placement, caption_placement)],
-    "d2l": [FigureSpec("curves", lambda r, c: F.fig_curves(
-        c, metrics=("train/acc", "val/acc", "val/acc_precise_bn", "val/acc_batch_stats"),
-        title="Dive into Deep Learning 7.5 (LeNet-BN): accuracy per epoch with running, precise and batch statistics",
-        runs=r), lambda r, c: "Last-epoch accuracy: " + "; ".join(
-            _group_finals(c, ["train/acc", "val/acc", "val/acc_precise_bn", "val/acc_batch_stats"])) + "."),
-            FigureSpec("spread", F.fig_d2l_spread, caption_d2l_spread)],
-    "ema_vs_precise": [FigureSpec("ema_vs_precise", lambda r, c: F.fig_ema_vs_precise(c, runs=r),
-                                  caption_ema_vs_precise)],
-    "precise_samples": [FigureSpec("precise_samples", lambda r, c: F.fig_precise_samples(r), caption_precise_samples)],
-    "norm_batch": [FigureSpec("norm_batch", lambda r, c: F.fig_norm_batch(r), caption_norm_batch)],
-    "gamma_beta": [FigureSpec("gamma_beta", lambda r, c: F.fig_gamma_beta(r), caption_gamma_beta)],
-    "smoke": [FigureSpec("curves", lambda r, c: F.fig_curves(
-        c, title="Smoke study: the pipeline runs end to end", runs=r), caption_curves)],
-}
-
-
-def figures_for(study: str) -> List[FigureSpec]:
-    return STUDY_FIGURES.get(study, [CURVES])
-
-
-def known_studies() -> List[str]:
-    """The built-in studies, then every other study on the config search path (bnlab.studies)."""
-    extra = study_files.options("study")
-    return KNOWN_STUDIES + [s for s in extra if s not in KNOWN_STUDIES]
-
-
-def study_question(study: str) -> str:
-    """The '# Question:' header of bnlab/conf/study/<study>.yaml (with its continuation lines), if any."""
-    return study_files.header(study).get("Question", "")
-
-
-# ------------------------------------------------------------------------------ tables and text
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per config group (the params that vary, seeds pooled): run counts, then for every
     final/ metric its mean, 95% CI half-width and n over the usable (finished, converged) seeds."""
-    groups = F.varying(runs)
-    metrics = sorted(c for c in runs.columns if c.startswith(FINAL))
-    key = runs[groups].apply(F._hashable) if groups else pd.DataFrame(index=runs.index)
+    groups = fr.varying(runs)
+    metrics = sorted(c for c in runs.columns if c.startswith(fr.FINAL))
+    key = runs[groups].apply(fr.hashable) if groups else pd.DataFrame(index=runs.index)
     rows = []
     grouped = key.groupby(groups, dropna=False, sort=True) if groups else [((), key)]
     for k, idx in grouped:
         g = runs.loc[idx.index]
-        ok, left, n_div = F.split_runs(g)
+        ok, left, n_div = fr.split_runs(g)
         row = dict(zip(groups, k if isinstance(k, tuple) else (k,))) if groups else {}
         row.update(n_runs=len(g), n_seeds=int(ok["seed"].nunique()) if "seed" in ok else len(ok),
-                   n_diverged=n_div, left_out=F.left_out_text(left),
+                   n_diverged=n_div, left_out=fr.left_out_text(left),
                    n_collapsed=int(g["collapsed"].sum()) if "collapsed" in g else 0)
         for m in metrics:
-            mean, ci, n = F.mean_ci(ok[m])
-            name = m[len(FINAL):]
+            mean, ci, n = S.mean_ci(ok[m])
+            name = m[len(fr.FINAL):]
             row[f"{name}:mean"], row[f"{name}:ci95"], row[f"{name}:n"] = mean, ci, n
         rows.append(row)
     return pd.DataFrame(rows)
@@ -386,9 +79,9 @@ def _runs(n: int) -> str:
 
 
 def runs_text(runs: pd.DataFrame) -> str:
-    ok, left, n_div = F.split_runs(runs)
+    ok, left, n_div = fr.split_runs(runs)
     txt = f"{len(runs)} {_runs(len(runs))}, {len(ok)} used in the means. Left out: "
-    txt += f"{F.left_out_text(left)} {_runs(sum(left.values()))}" if left else "none"
+    txt += f"{fr.left_out_text(left)} {_runs(sum(left.values()))}" if left else "none"
     if n_div:
         txt += (f". Diverged (finished, loss NaN/inf or above {DIVERGED_LOSS:g}): {n_div} {_runs(n_div)}, "
                 "marked in the figures, not averaged")
@@ -399,13 +92,11 @@ def runs_text(runs: pd.DataFrame) -> str:
 
 
 def reproduce_text(study: str) -> str:
-    if study in STUDY_FIGURES or study_files.where("study", study):
+    if ST.study_file(study) is not None:
         return f"`bnlab-train study={study}` then `bnlab-report study={study}`"
     return (f"each run's overrides are in its tag bnlab.overrides (`bnlab-train <overrides> "
             f"tracking.experiment={study}`), then `bnlab-report study={study}`")
 
-
-# ------------------------------------------------------------------------------ writing
 
 def safe_uri(uri: str) -> str:
     """The URI without a user:password@ part (REPORT.md is committed)."""
@@ -455,7 +146,7 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
         log(f"[{study}] no runs in {safe_uri(uri)}: skipped")
         return None
     folder = out / study
-    before, now = used_in_section(folder / "section.md"), len(F.split_runs(runs)[0])
+    before, now = used_in_section(folder / "section.md"), len(fr.split_runs(runs)[0])
     if before is not None and now < before and not force:
         raise Kept(f"[{study}] kept {folder}: it uses {before} runs in the means, the store gives {now} "
                    f"({runs_text(runs)}); --force replaces it")
@@ -465,8 +156,10 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
     summary = summary_table(runs)
     summary.to_csv(folder / "summary.csv", index=False)
     log(f"[{study}] wrote {folder / 'summary.csv'} ({len(summary)} config groups)")
-    lines = [f"## {study}", ""] + claims_table(study, runs, curves)
-    q = study_question(study)
+    analysis = ST.get_study(study)
+    data = analysis.prepare(runs, curves)  # what the study derives from its runs: once
+    lines = [f"## {study}", ""] + ST.claim_table(analysis, data)
+    q = ST.study_question(study)
     if q:
         lines += [f"**Question.** {q}", ""]
     lines += [f"- Runs: {runs_text(runs)}",
@@ -475,14 +168,17 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
               f"- Store: `{store_text(uri)}`, report generated {time.strftime('%Y-%m-%d %H:%M %Z')}",
               f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)",
               "- Intervals: accuracies on the logit scale, other quantities mean ± t half-width (see the header)", ""]
+    if analysis.module == "default":
+        lines[-1:-1] = ["- Analysis: the default section (final metrics against each key the study varies); a "
+                        "study YAML can name its own module (`analysis: package.module`) and declare claims"]
     failed = 0
-    for spec in figures_for(study):
-        if not spec.needs(runs, curves):
+    for spec in analysis.figures:
+        if not spec.needs(data):
             log(f"[{study}] {spec.name}: no data for it, skipped")
             continue
         try:
-            fig = spec.make(runs, curves)
-            caption = spec.caption(runs, curves)
+            fig = spec.make(data)
+            caption = spec.caption(data)
             paths = _save(fig, folder / spec.name)
         except Exception as e:  # one broken figure must not lose the others
             failed += 1
@@ -521,14 +217,16 @@ def assemble(out: Path, studies_first: Sequence[str]) -> Path:
     order = [s for s in studies_first if s in sections] + sorted(s for s in sections if s not in studies_first)
     head = ["# bnlab report", "",
             "Generated by `bnlab-report` from the MLflow runs. Every number is a mean over seeds with its 95% "
-            f"interval and n the number of seeds (no interval for n = 1). Intervals: {F.CI_METHOD}. In the "
-            f"figures, where a group has at most {F.SEED_LINES_MAX_N} seeds each seed is also drawn as a thin line. "
-            "Each study section opens with a table: the claim and its source, what bnlab measured, and whether "
-            "they agree by the rule stated in the row (sections without an 'Intervals' line were written by an "
+            f"interval and n the number of seeds (no interval for n = 1). Intervals: {S.CI_METHOD}. In the "
+            f"figures, where a group has at most {P.SEED_LINES_MAX_N} seeds each seed is also drawn as a thin line. "
+            "Each study section opens with a table: the claim and its source, what bnlab measured, its verdict "
+            "by the rule stated in the row, and how the rule's interval was made (sections without an 'Intervals' line were written by an "
             "earlier bnlab-report: mean ± the 95% t half-width for every quantity, and no claim table). Runs that "
             "failed, were killed or are still running are left out and counted; diverged runs are marked "
             "in the figures and not averaged. Each section gives the command that reproduces it and the "
-            "git commit of its runs.", ""]
+            f"git commit of its runs. Each (config group, seed) counts once: {COLLAPSE_RULE}; each section says "
+            "how many runs were collapsed (summary.csv: n_collapsed).", "",
+            "Verdicts: " + "; ".join(f"*{w}*: {V.MEANINGS[w]}" for w in V.VERDICTS) + ".", ""]
     body = [sections[s].read_text() for s in order]
     report = out / "REPORT.md"
     report.write_text("\n".join(head + body))
@@ -569,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bnlab-report: out={out} is inside {inside}; run bnlab-report in your project folder "
               f"(or set BNLAB_HOME, or out=DIR)", file=sys.stderr)
         return 2
-    known = known_studies()
+    known = ST.known_studies()
     try:
         if args.get("study"):
             studies = [s for s in args["study"].split(",") if s]
