@@ -121,14 +121,15 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     args = ["study=smoke", "seed=0", "bn.update_stats=true", *FAST]
     h = _hash_of(*args)
     live = _fake_claim(home, h, time.time())
-    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "600"})
+    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"is being trained by run {live} (host another-host, pid 1)" in r.stdout + r.stderr
     assert "0 finished, 0 failed, 1 skipped, 0 diverged" in r.stdout
-    # the same claim, its last heartbeat now an hour old (timeout 600 s): taken over and marked KILLED
+    # the same claim, its last heartbeat now two days old (timeout one day): taken over and marked KILLED
     c, _ = runs_of(home, "smoke")
-    c.set_tag(live, "bnlab.heartbeat", f"{time.time() - 3600:.0f}")
-    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "600"})
+    stale = time.time() - 2 * 86400
+    c.set_tag(live, "bnlab.heartbeat", f"{stale:.0f}")
+    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1 finished, 0 failed, 0 skipped, 0 diverged" in r.stdout
     c, runs = runs_of(home, "smoke")
@@ -136,7 +137,7 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     assert old.info.status == "KILLED" and "no heartbeat" in old.data.tags["bnlab.error"]
     fin = [k for k in _kids(runs) if k.info.status == "FINISHED"]
     assert [k.data.tags["bnlab.config_hash"] for k in fin] == [h]
-    assert float(fin[0].data.tags["bnlab.heartbeat"]) > time.time() - 600
+    assert float(fin[0].data.tags["bnlab.heartbeat"]) > stale + 86400  # its own, fresh heartbeat
 
 
 def test_the_report_counts_each_config_hash_once(home, tmp_path):

@@ -144,10 +144,8 @@ def test_server_dies_after_the_first_job(home, tmp_path):
             _wait_file(signals / "after_job_0.reached", proc)
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
-            t0 = time.monotonic()
             (signals / "after_job_0.go").write_text("")
-            proc.wait(timeout=600)  # MLflow's own retries (7, 120 s timeout) would take minutes a request
-            print(f"sweep ended {time.monotonic() - t0:.1f} s after the server died (a measurement, not a test)")
+            proc.wait(timeout=600)  # a safety timeout; the bound on retries is tested below
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
