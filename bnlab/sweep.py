@@ -200,12 +200,20 @@ def _slots(c, exp_id: str, h: str) -> List[tuple]:
         rest = e.name[len(prefix):]
         if e.name.startswith(prefix) and rest.isdigit():
             out.append((int(rest), e))
-            if e.lifecycle_stage == "active":  # its creator died before hiding it
-                try:
-                    c.delete_experiment(e.experiment_id)
-                except Exception:  # noqa: BLE001 - deleted meanwhile by another job
-                    pass
+            if e.lifecycle_stage == "active":  # not hidden yet (or its creator died before it could)
+                _hide(c, e.experiment_id)
     return sorted(out, key=lambda ge: ge[0])
+
+
+def _hide(c, slot_id: str) -> None:
+    """Delete a slot (out of the UI; its name stays reserved). Another job may have done it first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.delete_experiment(slot_id)
+    except MlflowException:
+        if c.get_experiment(slot_id).lifecycle_stage != "deleted":
+            raise
 
 
 def _slot_holder(c, exp_id: str, h: str, slot, resume: bool) -> Optional[str]:
@@ -267,7 +275,7 @@ def take_http_slot(uri: Optional[str], exp: str, h: str, resume: bool, job=None)
                           f"{t.get(TAG + 'pid', '?')} (it took slot {name} first)")
         slot_id = slot.experiment_id
     faults.point("claim_settled", key=h, job=job)
-    c.delete_experiment(slot_id)  # hidden from the UI; the name stays reserved
+    _hide(c, slot_id)
     return name, None
 
 
