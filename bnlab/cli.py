@@ -299,7 +299,7 @@ def _task(dcfg) -> Dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from bnlab import sweep
+    from bnlab import faults, sweep
     from bnlab.tracking import StoreError, resolve_uri, root_cause
     from bnlab.train import train
 
@@ -343,6 +343,7 @@ def _task(dcfg) -> Dict[str, float]:
         sweep.record_outcome(sdir, num, "failed", line)
         return {"failed": 1.0}
     sweep.record_outcome(sdir, num, "diverged" if "diverged_epoch" in result else "finished")
+    faults.point("job_done", job=num, uri=cfg.tracking.uri)
     _summary(result, context.tracker)
     return result
 
@@ -401,7 +402,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
     """bnlab-train: Hydra's command line over bnlab/conf/train.yaml (`-m` or `study=NAME` for sweeps)."""
     import hydra
 
-    from bnlab import sweep
+    from bnlab import faults, sweep
     from bnlab.data import DataError
     from bnlab.tracking import bound_http_retries
 
@@ -422,8 +423,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
             sys.exit(0)
     if not _INFO_FLAGS.intersection(args):
         try:
+            faults.active()  # a test's fault list: an unknown name stops here
             n, multirun = preflight(args)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, faults.FaultError) as e:
             print(f"bnlab-train: error: {e}", file=sys.stderr)
             sys.exit(2)
         if multirun:

@@ -1,6 +1,18 @@
 """Sweeps: the Hydra callback that prepares the store and the parent run before any job starts and
 counts the outcomes after the last; each job's claim on its grid point (config hash + heartbeat),
-resume, dead- and stale-claim clean-up, and the outcome it records."""
+resume, dead- and stale-claim clean-up, and the outcome it records.
+
+A claim is settled under a file lock on a SQLite store. Over HTTP there is no shared lock, so the
+claim is a conditional write the server makes atomic: creating an experiment whose name is the slot
+"bnlab.claim/<experiment id>/<config hash>/<generation>" (MLflow refuses a second experiment of one
+name, deleted ones included, with RESOURCE_ALREADY_EXISTS: a UNIQUE constraint in its database). The
+job that creates slot g owns the grid point; every other gets the refusal and skips. A slot is
+deleted right after it is created, so the UI never lists it; it still reserves its name. Slot g+1 may
+be taken only once slot g's holder is gone (its run KILLED, FAILED or deleted, or no run and its
+process dead or silent for the claim timeout), so a dead claimant's grid point is taken over exactly
+once, whatever the timing. Chosen over a param written to a shared run (params are immutable too)
+because a slot needs no object that exists beforehand: a shared run would itself have to be created
+exactly once. `mlflow gc` removes slots; a live claim is then still seen through its RUNNING run."""
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +30,9 @@ from typing import Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 
-from bnlab import checkpoint, describe
+from bnlab import checkpoint, describe, faults
 from bnlab.config import Config, config_hash, flatten
-from bnlab.tracking import (TAG, MlflowTracker, client, ensure_experiment, git_info, is_http,
+from bnlab.tracking import (TAG, MlflowTracker, client, ensure_experiment, git_info, is_http, owner_tags,
                             pid_alive, resolve_uri, root_cause, store_lock)
 
 log = logging.getLogger("bnlab")
@@ -31,9 +43,7 @@ OUTCOMES_DIR = ".bnlab_outcomes"
 # this is presumed dead (a crashed node, a lost process on another host) and may be taken over.
 # It must exceed the longest epoch; BNLAB_CLAIM_TIMEOUT_S overrides it.
 CLAIM_TIMEOUT_S = 1800.0
-# Over HTTP there is no shared lock: a claim is created, then checked against every other claim
-# after this many seconds (longer than a create request takes); the earliest claim wins.
-HTTP_SETTLE_S = 0.5
+SLOT_PREFIX = "bnlab.claim"  # HTTP claim slots: experiment names (see the module docstring)
 OUTCOMES = ("finished", "failed", "skipped", "diverged", "store_failed", "not_run")
 
 
@@ -211,19 +221,98 @@ def _parent_id(hc) -> Optional[str]:
     return None
 
 
-def _lost_claim(uri: Optional[str], exp: str, h: str, mine: str) -> Optional[str]:
-    """Over HTTP: after the settle time, the earliest live claim (or a FINISHED run) wins."""
-    time.sleep(HTTP_SETTLE_S)
-    live = [r for r in claims(uri, exp, h) if time.time() - _beat(r) <= claim_timeout_s()]
-    if live and live[0].info.run_id != mine:
-        return f"config {h} is being trained by {_owner(live[0])}"
-    if live and (live[0].data.tags.get(TAG + "pid"), live[0].data.tags.get(TAG + "host")) != (
-            str(os.getpid()), socket.gethostname()):  # two processes took over the same KILLED run
-        return f"config {h} is being resumed by {_owner(live[0])}"
-    done = finished_run(uri, exp, h)  # after the claims: see job_context
-    if done:
-        return f"config {h} already has FINISHED run {done}"
-    return None
+def _slot_name(exp_id: str, h: str, gen: int) -> str:
+    return f"{SLOT_PREFIX}/{exp_id}/{h}/{gen}"
+
+
+def _slots(c, exp_id: str, h: str) -> List[tuple]:
+    """(generation, slot experiment) of this grid point, oldest first."""
+    from mlflow.entities import ViewType
+
+    prefix = _slot_name(exp_id, h, 0)[:-1]
+    found = c.search_experiments(view_type=ViewType.ALL, filter_string=f"name LIKE '{prefix}%'")
+    out = []
+    for e in found:
+        rest = e.name[len(prefix):]
+        if e.name.startswith(prefix) and rest.isdigit():
+            out.append((int(rest), e))
+            if e.lifecycle_stage == "active":  # not hidden yet (or its creator died before it could)
+                _hide(c, e.experiment_id)
+    return sorted(out, key=lambda ge: ge[0])
+
+
+def _hide(c, slot_id: str) -> None:
+    """Delete a slot (out of the UI; its name stays reserved). Another job may have done it first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.delete_experiment(slot_id)
+    except MlflowException:
+        if c.get_experiment(slot_id).lifecycle_stage != "deleted":
+            raise
+
+
+def _slot_holder(c, exp_id: str, h: str, slot, resume: bool) -> Optional[str]:
+    """Why slot `slot`'s holder still owns the grid point, or None if the next slot may be taken."""
+    from mlflow.entities import ViewType
+
+    t = slot.tags
+    who = f"host {t.get(TAG + 'host', '?')}, pid {t.get(TAG + 'pid', '?')}"
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{TAG}claim_slot` = '{slot.name}'",
+                         run_view_type=ViewType.ALL, max_results=10)
+    if runs:
+        r = runs[0]
+        if r.info.lifecycle_stage != "active" or r.info.status in ("KILLED", "FAILED"):
+            return None
+        if r.info.status == "FINISHED":
+            return f"config {h} already has FINISHED run {r.info.run_id}" if resume else None
+        if time.time() - _beat(r) > claim_timeout_s():
+            return None
+        return f"config {h} is being trained by {_owner(r)}"
+    # The holder has not created its run yet, or died before it did.
+    pid, host = t.get(TAG + "pid"), t.get(TAG + "host")
+    if host == socket.gethostname() and pid and not pid_alive(int(pid)):
+        return None
+    if time.time() - slot.creation_time / 1000.0 > claim_timeout_s():
+        return None
+    return f"config {h} is being claimed by {who} (slot {slot.name})"
+
+
+def take_http_slot(uri: Optional[str], exp: str, h: str, resume: bool, job=None) -> tuple:
+    """Over HTTP: (slot name, None) if this job now owns grid point `h`, else (None, why it skips).
+    The conditional write is create_experiment of the next free slot (see the module docstring)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    exp_id = c.get_experiment_by_name(exp).experiment_id
+    slots = _slots(c, exp_id, h)
+    gen = 0
+    if slots:
+        last_gen, last = slots[-1]
+        why = _slot_holder(c, exp_id, h, last, resume)
+        if why:
+            return None, why
+        gen = last_gen + 1
+    name = _slot_name(exp_id, h, gen)
+    mine = {TAG + "config_hash": h, TAG + "claim_token": uuid.uuid4().hex, **owner_tags()}
+    faults.point("claim_race", key=h, job=job)
+    try:
+        slot_id = c.create_experiment(name, tags=mine)
+    except MlflowException:
+        # Refused (another job holds the slot), or our own request succeeded and its retry was
+        # refused: the slot's token says which.
+        slot = c.get_experiment_by_name(name)
+        if slot is None:
+            raise
+        if slot.tags.get(TAG + "claim_token") != mine[TAG + "claim_token"]:
+            faults.point("claim_settled", key=h, job=job)
+            t = slot.tags
+            return None, (f"config {h} is being trained by host {t.get(TAG + 'host', '?')}, pid "
+                          f"{t.get(TAG + 'pid', '?')} (it took slot {name} first)")
+        slot_id = slot.experiment_id
+    faults.point("claim_settled", key=h, job=job)
+    _hide(c, slot_id)
+    return name, None
 
 
 def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobContext:
@@ -265,17 +354,19 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
                               f"fields such as train.device do not retrain it; tracking.resume=false does)")
         if slurm_task():
             tags[TAG + "slurm_task"] = slurm_task()
+        claim = {**tags, TAG + "config_hash": h}
+        if is_http(uri):
+            # One conditional write decides who owns the grid point, a new claim or a take-over alike.
+            slot, lost = take_http_slot(uri, exp, h, cfg.tracking.resume, job=hc.job.num)
+            if lost:
+                return JobContext(None, skip_reason=lost)
+            claim[TAG + "claim_slot"] = slot
         killed = interrupted_run(uri, exp, h) if cfg.tracking.resume else None
         if killed:
-            tracker.take_over(killed, {**tags, TAG + "config_hash": h})
+            tracker.take_over(killed, claim)
             log.info("resuming interrupted run %s", killed)
         else:
-            tracker.claim({**tags, TAG + "config_hash": h})
-    if is_http(uri):
-        lost = _lost_claim(uri, exp, h, tracker.run_id)
-        if lost:
-            tracker.abandon()
-            return JobContext(None, skip_reason=lost)
+            tracker.claim(claim)
     return JobContext(tracker, tags=tags, parent_run_id=parent, uri=uri)
 
 

@@ -18,6 +18,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
+from bnlab import faults
+
 TAG = "bnlab."  # prefix of every bnlab tag
 MODEL_ARTIFACT = "model.pt"  # a finished run's model: torch.save({"state_dict", "config"}) (bnlab/load.py)
 MODEL_SOURCE = "model_source"  # model=custom: the module that defines model.target (artifact folder)
@@ -252,6 +254,7 @@ class MlflowTracker:
             all_tags = {**tags, **owner_tags(), **heartbeat_tag()}
             if self.parent_run_id:
                 all_tags["mlflow.parentRunId"] = self.parent_run_id
+            faults.point("claim_create", job=tags.get(TAG + "job"))
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
         except Exception as e:
             raise self._fail("the run's claim", e) from e
@@ -322,17 +325,6 @@ class MlflowTracker:
             get_artifact_repository(uri, tracking_uri=self.uri).delete_artifacts(path)
         except Exception as e:  # noqa: BLE001 - a leftover file costs disk, not correctness
             log.warning("could not delete artifact %s of run %s: %s", path, self.run_id, root_cause(e))
-
-    def abandon(self) -> None:
-        """Withdraw a claim that lost to another process's (the run is deleted, not counted; a run
-        taken over is only let go)."""
-        if getattr(self, "resumed", False):
-            self.run_id = None
-            return
-        if self.run_id is not None:
-            self._client.set_terminated(self.run_id, status="KILLED")
-            self._client.delete_run(self.run_id)
-            self.run_id = None
 
     def start(self, params: Mapping[str, object], tags: Mapping[str, str], config_text: str) -> None:
         from mlflow.entities import Param, RunTag
@@ -406,9 +398,11 @@ class MlflowTracker:
     def where(self) -> str:
         if self.run_id is None:
             return "no run"
-        exp = self._client.get_experiment_by_name(self.experiment)
-        return (f"experiment '{self.experiment}' (id {exp.experiment_id}), run {self.run_id} "
-                f"'{self.run_name}' in {self.uri}")
+        try:
+            exp_id = f" (id {self._client.get_experiment_by_name(self.experiment).experiment_id})"
+        except Exception:  # noqa: BLE001 - the store may have gone since the run ended; say where anyway
+            exp_id = ""
+        return f"experiment '{self.experiment}'{exp_id}, run {self.run_id} '{self.run_name}' in {self.uri}"
 
 
 def finite(x: float) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 
 from bnlab import bn as bnm
 from bnlab import checkpoint as ckpt
-from bnlab import describe
+from bnlab import describe, faults
 from bnlab.config import DIVERGED_LOSS, Config, ConfigError, Device, config_hash
 from bnlab.data import Dataset, eval_batches, load_data, train_batches
 from bnlab.load import model_artifact
@@ -486,6 +486,7 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
             m.update(epoch_metrics(s.model, s.ds, cfg, s.gen, final=epoch == cfg.train.epochs))
             m["gap/acc"] = m["train/acc"] - m["val/acc"]
             tracker.checkpoint(epoch, m, ckpt.to_bytes(ckpt.capture(s, epoch, m)))
+            faults.point("epoch_logged", epoch=epoch, job=tags.get(TAG + "job"), flush=tracker.flush)
             final = m
             after_epoch(epoch)
             log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/acc %.4f  %s  (%.0f ex/s)",

@@ -20,12 +20,23 @@ def _kids(runs):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "job"]
 
 
-def _two_at_once(home: Path, args, timeout: float = 600):
-    env = {**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([str(BIN / "bnlab-train"), *args], cwd=str(home), env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+def _start(home: Path, args, fault: str = "", fault_dir: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1", "BNLAB_FAULT": fault}
+    if fault_dir is not None:
+        env["BNLAB_FAULT_DIR"] = str(fault_dir)
+    return subprocess.Popen([str(BIN / "bnlab-train"), *args], cwd=str(home), env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_all(procs, timeout: float = 600):
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [p.returncode for p in procs], outs
+
+
+def _two_at_once(home: Path, args, timeout: float = 600):
+    # Launched together, in whatever order the machine runs them: exactly once must hold for every
+    # interleaving. The HTTP claim race is also forced both ways below (bnlab.faults claim_race).
+    return _wait_all([_start(home, args) for _ in range(2)], timeout)
 
 
 def _assert_once(home, outs, n_points, uri=None, experiment="smoke"):
@@ -110,12 +121,15 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     args = ["study=smoke", "seed=0", "bn.update_stats=true", *FAST]
     h = _hash_of(*args)
     live = _fake_claim(home, h, time.time())
-    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "600"})
+    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"is being trained by run {live} (host another-host, pid 1)" in r.stdout + r.stderr
     assert "0 finished, 0 failed, 1 skipped, 0 diverged" in r.stdout
-    # the same claim, its heartbeat now older than the timeout: taken over and marked KILLED
-    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "0.5"})
+    # the same claim, its last heartbeat now two days old (timeout one day): taken over and marked KILLED
+    c, _ = runs_of(home, "smoke")
+    stale = time.time() - 2 * 86400
+    c.set_tag(live, "bnlab.heartbeat", f"{stale:.0f}")
+    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1 finished, 0 failed, 0 skipped, 0 diverged" in r.stdout
     c, runs = runs_of(home, "smoke")
@@ -123,7 +137,7 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     assert old.info.status == "KILLED" and "no heartbeat" in old.data.tags["bnlab.error"]
     fin = [k for k in _kids(runs) if k.info.status == "FINISHED"]
     assert [k.data.tags["bnlab.config_hash"] for k in fin] == [h]
-    assert float(fin[0].data.tags["bnlab.heartbeat"]) > time.time() - 600
+    assert float(fin[0].data.tags["bnlab.heartbeat"]) > stale + 86400  # its own, fresh heartbeat
 
 
 def test_the_report_counts_each_config_hash_once(home, tmp_path):
@@ -156,3 +170,89 @@ def test_two_sweeps_sharing_one_sweep_dir(home, tmp_path):
     for pid, p in parents.items():
         mine = [k for k in _kids(runs) if k.data.tags["mlflow.parentRunId"] == pid]
         assert int(p.data.tags["bnlab.jobs_finished"]) == len(mine)
+
+
+# ----------------------------------------------------------------- the HTTP claim race, forced
+
+TWO_POINTS = ["study=smoke", "seed=0", "train.epochs=2", *FAST]  # jobs 0 and 1: update_stats true, false
+# Racer ranks (bnlab.faults claim_race): in job 0 process A makes its conditional write first, in
+# job 1 process B does; both have done every check before either writes.
+A_FIRST_THEN_B = ("claim_race:1@0,claim_race:2@1", "claim_race:2@0,claim_race:1@1")
+
+
+def _server(tmp_path):
+    port = free_port()
+    return f"http://127.0.0.1:{port}", mlflow_server(tmp_path, port, workers=2)
+
+
+def _stop(server) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def _race(home, tmp_path, uri, extra=()):
+    signals = tmp_path / "signals"
+    signals.mkdir(exist_ok=True)
+    procs = [_start(home, [*TWO_POINTS, *extra, f"tracking.uri={uri}"], fault, signals) for fault in A_FIRST_THEN_B]
+    codes, outs = _wait_all(procs)
+    assert codes == [0, 0], outs
+    for o in outs:  # each process trained one grid point and skipped the other
+        assert "bnlab-train: 1 finished, 0 failed, 1 skipped, 0 diverged" in o, o[-3000:]
+        assert o.count("skipped: config") == 1 and "took slot bnlab.claim/" in o, o[-3000:]
+    return [p.pid for p in procs]
+
+
+def _winners(home, uri):
+    """{job number: the FINISHED run} and every job run."""
+    _, runs = runs_of(home, "smoke", uri=uri)
+    kids = _kids(runs)
+    fin = [k for k in kids if k.info.status == "FINISHED"]
+    assert Counter(k.data.tags["bnlab.config_hash"] for k in fin) == Counter(
+        {h: 1 for h in {k.data.tags["bnlab.config_hash"] for k in kids}}), [k.info.status for k in kids]
+    return {k.data.tags["bnlab.job"]: k for k in fin}, kids
+
+
+def _slots_hidden(uri):
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    assert not [e.name for e in c.search_experiments() if e.name.startswith("bnlab.claim/")]
+    return sorted(e.name.rsplit("/", 1)[1] for e in c.search_experiments(view_type=ViewType.ALL)
+                  if e.name.startswith("bnlab.claim/"))
+
+
+def test_http_claim_race_forced_both_ways(home, tmp_path):
+    uri, server = _server(tmp_path)
+    try:
+        pid_a, pid_b = _race(home, tmp_path, uri)
+        winners, kids = _winners(home, uri)
+        assert len(kids) == 2, [k.info.status for k in kids]  # a job that lost created no run at all
+        assert winners["0"].data.tags["bnlab.pid"] == str(pid_a)  # A wrote first in job 0
+        assert winners["1"].data.tags["bnlab.pid"] == str(pid_b)  # B wrote first in job 1
+        assert {w.data.tags["bnlab.claim_slot"].rsplit("/", 1)[1] for w in winners.values()} == {"0"}
+        assert _slots_hidden(uri) == ["0", "0"]
+    finally:
+        _stop(server)
+
+
+def test_http_dead_claims_are_taken_over_exactly_once_both_ways(home, tmp_path):
+    uri, server = _server(tmp_path)
+    try:
+        # Two claimants that die after epoch 1 of 2 (SIGKILL), one per grid point: slot 0 of each
+        # is held by a dead process.
+        dead = [_start(home, [*TWO_POINTS, f"bn.update_stats={u}", f"tracking.uri={uri}"], "kill_after_epoch:1")
+                for u in ("true", "false")]
+        codes, outs = _wait_all(dead)
+        assert codes == [-signal.SIGKILL] * 2, outs
+        _, runs = runs_of(home, "smoke", uri=uri)
+        assert [k.info.status for k in _kids(runs)] == ["RUNNING"] * 2
+        pid_a, pid_b = _race(home, tmp_path, uri)
+        winners, kids = _winners(home, uri)
+        assert Counter(k.info.status for k in kids) == {"FINISHED": 2, "KILLED": 2}
+        assert winners["0"].data.tags["bnlab.pid"] == str(pid_a)
+        assert winners["1"].data.tags["bnlab.pid"] == str(pid_b)
+        assert {w.data.tags["bnlab.claim_slot"].rsplit("/", 1)[1] for w in winners.values()} == {"1"}
+        assert _slots_hidden(uri) == ["0", "0", "1", "1"]
+    finally:
+        _stop(server)

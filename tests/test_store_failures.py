@@ -1,21 +1,25 @@
-"""A store that fails in the middle of a sweep (read-only, full, a server that dies): the sweep
-stops after the first failure with one clear line, counts what was not run, exits non-zero, and
-a dead server costs seconds, not minutes. Real file systems: a small tmpfs (needs root to mount)."""
+"""A store that fails in the middle of a sweep (read-only, full, a server that dies, a claim that
+cannot be created): the sweep stops after the first failure with one clear line, counts what was not
+run, exits non-zero, and a relaunch trains the rest exactly once. Each fault is planted at a named
+step (bnlab.faults): after job 0 of the smoke study's four, so the counts are exact. Real file
+systems: a small tmpfs (needs root to mount)."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from bnlab import faults
 from conftest import BIN, free_port, mlflow_server, runs_of
 
 FAST = ["train.threads=1"]
-# Eight jobs of about a second each: time enough to break the store after the first one.
-SWEEP = ["study=smoke", "seed=0,1,2,3", "train.epochs=20", "data.synthetic_train=1024", *FAST]
+SWEEP = ["study=smoke", *FAST]  # four jobs: #0 finishes, #1 meets the broken store, #2 and #3 do not run
+STOPPED = "1 finished, 1 failed, 0 skipped, 0 diverged; stopped after the first store failure, 2 job(s) not run"
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
@@ -30,116 +34,141 @@ def _umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def _launch(home: Path, args, log: Path) -> subprocess.Popen:
+def _env(home: Path, fault: str = "", fault_dir: Path | None = None) -> dict:
     env = {**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(BIN / "bnlab-train"), *args], cwd=str(home), env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    env.pop(faults.ENV, None)
+    if fault:
+        env[faults.ENV] = fault
+    if fault_dir is not None:
+        env[faults.DIR_ENV] = str(fault_dir)
+    return env
 
 
-def _wait_finished(home: Path, uri: str, proc: subprocess.Popen, n: int = 1, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "the sweep ended before the store could be broken"
-        try:
-            _, runs = runs_of(home, "smoke", uri=uri)
-            if sum(r.info.status == "FINISHED" and r.data.tags.get("bnlab.role") == "job" for r in runs) >= n:
-                return
-        except Exception:  # the experiment is not there yet
-            pass
-        time.sleep(0.3)
-    raise AssertionError("no FINISHED run in time")
+def _train(home: Path, args, fault: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "bnlab-train"), *args], cwd=str(home), env=_env(home, fault),
+                          capture_output=True, text=True, timeout=600)
 
 
-def _check_stopped(proc: subprocess.Popen, log: Path) -> str:
-    proc.wait(timeout=600)
-    out = log.read_text()
-    assert proc.returncode == 1, out[-3000:]
+def _check_stopped(rc: int, out: str) -> str:
+    assert rc == 1, out[-3000:]
     summary = [ln for ln in out.splitlines() if ln.startswith("bnlab-train: ") and " finished, " in ln]
     assert len(summary) == 1, out[-3000:]
     line = summary[0]
-    assert "stopped after the first store failure" in line and "job(s) not run" in line, line
-    # one job met the failure, the rest did not start: no traceback per job
+    assert STOPPED in line, line
+    # one job met the failure, the two after it did not start: no traceback per job
     assert out.count("Traceback") == 0, out[-3000:]
-    assert out.count("not run: the store failed earlier") >= 1, out[-3000:]
+    assert out.count("not run: the store failed earlier") == 2, out[-3000:]
     return line
 
 
-def test_store_turns_read_only_mid_sweep(home, tmp_path):
+def _jobs(home: Path, uri: str):
+    _, runs = runs_of(home, "smoke", uri=uri)
+    return [r for r in runs if r.data.tags.get("bnlab.role") == "job"]
+
+
+def _relaunch_trains_the_rest(home: Path, uri: str | None) -> None:
+    r = _train(home, [*SWEEP, *([f"tracking.uri={uri}"] if uri else [])])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "bnlab-train: 3 finished, 0 failed, 1 skipped, 0 diverged" in r.stdout, r.stdout[-2000:]
+    fin = Counter(k.data.tags["bnlab.config_hash"] for k in _jobs(home, uri) if k.info.status == "FINISHED")
+    assert len(fin) == 4 and set(fin.values()) == {1}, fin
+    assert not [k for k in _jobs(home, uri) if k.info.status == "RUNNING"]
+
+
+def test_store_turns_read_only_after_the_first_job(home, tmp_path):
     mnt = tmp_path / "ro"
     _mount_tmpfs(mnt, "64m")
     try:
         uri = f"sqlite:///{mnt / 'store' / 'mlflow.db'}"
-        log = tmp_path / "out.txt"
-        proc = _launch(home, [*SWEEP, f"tracking.uri={uri}"], log)
-        try:
-            _wait_finished(home, uri, proc)
-            # Root ignores file modes: the immutable flag makes the folder and the file read-only
-            # for everyone (SQLite cannot create its journal, nor write the file).
-            subprocess.run(["chattr", "+i", str(mnt / "store" / "mlflow.db"), str(mnt / "store")], check=True)
-            line = _check_stopped(proc, log)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        assert "0 skipped" in line
-        n_fin = int(line.split(" finished")[0].split()[-1])
-        assert 1 <= n_fin < 8, line
-        assert "could not record the sweep's counts" in log.read_text()
+        r = _train(home, [*SWEEP, f"tracking.uri={uri}"], "store_readonly_after_job:0")
+        out = r.stdout + r.stderr
+        line = _check_stopped(r.returncode, out)
+        assert "OperationalError: unable to open database file" in line, line  # SQLite: no journal
+        assert "not written: the run's claim" in line, line
+        assert "could not record the sweep's counts" in out
+        subprocess.run(["chattr", "-i", str(mnt / "store" / "mlflow.db"), str(mnt / "store")], check=True)
+        # job 0's run is the only one: job 1's claim was refused, jobs 2 and 3 never started
+        assert [k.info.status for k in _jobs(home, uri)] == ["FINISHED"]
+        _relaunch_trains_the_rest(home, uri)
     finally:
         _umount(mnt)
 
 
-def test_disk_full_mid_sweep(home, tmp_path):
+def test_disk_full_after_the_first_job(home, tmp_path):
     mnt = tmp_path / "full"
     _mount_tmpfs(mnt, "16m")
     try:
         uri = f"sqlite:///{mnt / 'mlflow.db'}"
-        log = tmp_path / "out.txt"
-        proc = _launch(home, [*SWEEP, f"tracking.uri={uri}"], log)
-        try:
-            _wait_finished(home, uri, proc)
-            # fill the file system to the last byte
-            subprocess.run(["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=64k"], capture_output=True)
-            line = _check_stopped(proc, log)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        assert "full" in line.lower(), line
-        (mnt / "filler").unlink()
-        # the runs the full disk left RUNNING belong to a dead process: a relaunch ends them KILLED
-        # and trains the rest, each grid point exactly once
-        r = subprocess.run([str(BIN / "bnlab-train"), *SWEEP, f"tracking.uri={uri}"], cwd=str(home),
-                           env={**os.environ, "BNLAB_HOME": str(home)}, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        _, runs = runs_of(home, "smoke", uri=uri)
-        kids = [k for k in runs if k.data.tags.get("bnlab.role") == "job"]
-        fin = [k.data.tags["bnlab.config_hash"] for k in kids if k.info.status == "FINISHED"]
-        assert len(fin) == 8 and len(set(fin)) == 8
-        assert not [k for k in kids if k.info.status == "RUNNING"]
+        r = _train(home, [*SWEEP, f"tracking.uri={uri}"], "store_full_after_job:0")
+        line = _check_stopped(r.returncode, r.stdout + r.stderr)
+        assert "database or disk is full" in line, line
+        assert (mnt / faults.FILLER).stat().st_size > 0
+        (mnt / faults.FILLER).unlink()
+        assert [k.info.status for k in _jobs(home, uri)] == ["FINISHED"]
+        # the parent the full disk left RUNNING belongs to a dead process: a relaunch ends it,
+        # reuses it and trains the rest, each grid point exactly once
+        _relaunch_trains_the_rest(home, uri)
     finally:
         _umount(mnt)
 
 
-def test_server_dies_mid_sweep_bounded_time(home, tmp_path):
+def test_a_claim_that_cannot_be_created_stops_the_sweep(home):
+    r = _train(home, SWEEP, "fail_claim_create@1")
+    line = _check_stopped(r.returncode, r.stdout + r.stderr)
+    assert "planted fault" in line and "not written: the run's claim" in line, line
+    assert [k.info.status for k in _jobs(home, None)] == ["FINISHED"]
+    _relaunch_trains_the_rest(home, None)
+
+
+def _wait_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait for a file the job writes (an explicit signal); the timeout only fails loudly."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"bnlab-train ended (rc {proc.returncode}) before writing {path.name}"
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def test_server_dies_after_the_first_job(home, tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = mlflow_server(tmp_path, port)
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    log = tmp_path / "out.txt"
     try:
-        log = tmp_path / "out.txt"
-        proc = _launch(home, [*SWEEP, f"tracking.uri={uri}"], log)
+        proc = subprocess.Popen([str(BIN / "bnlab-train"), *SWEEP, f"tracking.uri={uri}"], cwd=str(home),
+                                env=_env(home, "pause_after_job:0", signals), stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_finished(home, uri, proc)
+            _wait_file(signals / "after_job_0.reached", proc)
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
-            t0 = time.time()
-            line = _check_stopped(proc, log)
-            print(f"sweep ended {time.time() - t0:.1f} s after the server died")
-            # MLflow's default (7 retries, 120 s timeout) blocks about 4 minutes per request
-            assert time.time() - t0 < 60, f"took {time.time() - t0:.0f} s after the server died"
+            (signals / "after_job_0.go").write_text("")
+            proc.wait(timeout=600)  # a safety timeout; the bound on retries is tested below
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+        out = log.read_text()
+        line = _check_stopped(proc.returncode, out)
         assert f"store {uri} failed" in line, line
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
+
+
+def test_http_retries_are_bounded_unless_set(monkeypatch):
+    # What keeps a dead server from stalling a job for minutes: MLflow's own default is 7 retries
+    # with backoff 2 and a 120 s timeout per request. bnlab bounds them; a value set by the user wins.
+    from mlflow import environment_variables as mev
+
+    from bnlab.tracking import HTTP_ENV, bound_http_retries
+
+    for k in HTTP_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")
+    bound_http_retries()
+    assert mev.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
+    assert mev.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
+    assert mev.MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 33

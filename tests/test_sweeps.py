@@ -1,16 +1,14 @@
 """Sweeps with real Hydra launchers in subprocesses on temporary stores: parent/child grouping,
 parallel jobs without store races, an HTTP tracking server, resume after SIGKILL, divergence,
-Ctrl-C and the submitit local executor."""
+Ctrl-C and the submitit local executor. SIGKILL and Ctrl-C come at a named step (bnlab.faults)."""
 from __future__ import annotations
 
 import os
 import re
 import signal
-import subprocess
-import time
 from collections import Counter
 
-from conftest import BIN, cli, free_port, mlflow_server, runs_of
+from conftest import cli, free_port, mlflow_server, runs_of
 
 FAST = ["train.threads=1"]
 
@@ -79,69 +77,49 @@ def test_joblib_through_a_real_mlflow_server(home, tmp_path):
         server.wait(timeout=30)
 
 
-def _wait_for(home, experiment, pred, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "the sweep ended before the condition was met"
-        if (home / "runs" / "mlflow.db").exists():
-            try:
-                _, runs = runs_of(home, experiment)
-                if pred(children(runs)):
-                    return
-            except Exception:  # experiment not created yet, or the store mid-migration
-                pass
-        time.sleep(0.5)
-    raise AssertionError("condition not reached")
-
-
-SLOW_SMOKE = ["study=smoke", "train.epochs=30", "data.synthetic_train=1024", *FAST]
-
-
-def _launch(home, args):
-    env = {**os.environ, "BNLAB_HOME": str(home)}
-    return subprocess.Popen([str(BIN / "bnlab-train"), *args], cwd=str(home), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+# Two epochs, so that a run stopped after epoch 1 is caught in the middle of its training.
+TWO_EPOCHS = ["study=smoke", "train.epochs=2", *FAST]
 
 
 def test_sigkill_then_relaunch_gives_one_finished_run_per_grid_point(home):
-    proc = _launch(home, SLOW_SMOKE)
-    try:
-        _wait_for(home, "smoke", lambda ks: any(k.info.status == "FINISHED" for k in ks)
-                  and any(k.info.status == "RUNNING" for k in ks), proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    r = cli("bnlab-train", *SLOW_SMOKE[:1], "train.epochs=30", "data.synthetic_train=1024", *FAST,
-            home=home, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # Job 0 finishes; job 1 is SIGKILLed once its first epoch is in the store (bnlab.faults).
+    r = cli("bnlab-train", *TWO_EPOCHS, home=home, env={"BNLAB_FAULT": "kill_after_epoch:1@1"})
+    assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
     _, runs = runs_of(home, "smoke")
-    kids = children(runs)
+    by_job = {k.data.tags["bnlab.job"]: k for k in children(runs)}
+    assert sorted(by_job) == ["0", "1"]
+    assert by_job["0"].info.status == "FINISHED"
+    assert by_job["1"].info.status == "RUNNING" and "train/loss" in by_job["1"].data.metrics
+    assert parents(runs)[0].info.status == "RUNNING"  # its process is gone too
+    r = cli("bnlab-train", *TWO_EPOCHS, home=home, timeout=900, env={"BNLAB_FAULT": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bnlab-train: 3 finished, 0 failed, 1 skipped, 0 diverged" in r.stdout, r.stdout[-2000:]
+    c, runs = runs_of(home, "smoke")
     per_hash = _finished_per_hash(runs)
     assert len(per_hash) == 4 and set(per_hash.values()) == {1}, per_hash
-    statuses = Counter(k.info.status for k in kids)
-    # the killed run either stays KILLED (killed in its first epoch) or was resumed (issue 19)
-    resumed = sum("bnlab.resumed" in k.data.tags for k in kids)
-    assert statuses["RUNNING"] == 0 and statuses["KILLED"] + resumed >= 1, statuses
+    # The killed run had epoch 1 checkpointed: the relaunch took it over and resumed it into the
+    # same MLflow run (no fifth run), its curve continuing at epoch 2 with no step logged twice.
+    assert Counter(k.info.status for k in children(runs)) == {"FINISHED": 4}
+    resumed = c.get_run(by_job["1"].info.run_id)
+    assert resumed.info.status == "FINISHED" and "bnlab.resumed" in resumed.data.tags
+    steps = [m.step for m in c.get_metric_history(resumed.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2], steps
     assert all(p.info.status == "FINISHED" for p in parents(runs)) and len(parents(runs)) == 1
 
 
 def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
-    # Long enough (minutes) that the interrupt always lands while a run trains, however fast the machine.
-    proc = _launch(home, [*SLOW_SMOKE, "train.epochs=1000"])
-    try:
-        # A run in training (it has logged an epoch), not one that has only claimed its grid point.
-        _wait_for(home, "smoke", lambda ks: any(k.info.status == "RUNNING" and "train/loss" in k.data.metrics
-                                                for k in ks), proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    # Ctrl-C (SIGINT to the process) while job 1 trains: after its first epoch of two.
+    r = cli("bnlab-train", *TWO_EPOCHS, home=home, env={"BNLAB_FAULT": "sigint_after_epoch:1@1"})
+    assert r.returncode != 0
     _, runs = runs_of(home, "smoke")
-    statuses = Counter(k.info.status for k in children(runs))
-    assert statuses["KILLED"] == 1 and statuses["RUNNING"] == 0, statuses
-    assert parents(runs)[0].info.status == "KILLED"
+    by_job = {k.data.tags["bnlab.job"]: k for k in children(runs)}
+    assert sorted(by_job) == ["0", "1"], sorted(by_job)  # jobs 2 and 3 never started
+    assert by_job["0"].info.status == "FINISHED"
+    stopped = by_job["1"]
+    assert stopped.info.status == "KILLED" and stopped.data.tags["bnlab.error"] == "interrupted (Ctrl-C)"
+    assert "train/loss" in stopped.data.metrics
+    (parent,) = parents(runs)
+    assert parent.info.status == "KILLED"
 
 
 def test_a_diverged_run_does_not_stop_the_sweep(home):
