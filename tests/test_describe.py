@@ -11,9 +11,7 @@ import pytest
 
 from bnlab import describe as D
 from bnlab.config import BNConfig, Config, DataConfig, DataName, ModelConfig, ModelName, Placement, flatten, to_plain
-
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted(p.stem for p in (ROOT / "conf" / "study").glob("*.yaml"))
+from conftest import CONF_DIR, ROOT, STUDIES
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,7 @@ def _grids():
     """Every study's grid, and the explicit grids its header documents (e.g. momentum's 72 runs)."""
     for s in STUDIES:
         yield s, [f"study={s}"]
-        for line in (ROOT / "conf" / "study" / f"{s}.yaml").read_text().splitlines():
+        for line in (CONF_DIR / "study" / f"{s}.yaml").read_text().splitlines():
             m = re.search(r"bnlab-train (study=\S+ \S+=\S*,\S*)", line)
             if m:
                 yield s, m.group(1).split()

@@ -114,16 +114,21 @@ def test_compiled_step_is_the_eager_maths():
 
 # ----------------------------------------------------------------------------- the logging process
 
+def wait_ready(bt: BackgroundTracker) -> None:
+    """Block until the logging process's first message (its "ready") is readable, then let the
+    tracker switch to it; 120 s is only a safety limit."""
+    import select
+
+    assert bt._proc is not None, "no logging process was started"
+    assert select.select([bt._proc.stdout], [], [], 120)[0], "the logging process sent nothing in 120 s"
+    bt._poll_ready()
+    assert bt.in_process, "the logging process did not load the tracker"
+
+
 def test_logging_process_writes_every_epoch_in_order(home):
     bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "via-process"), process=True)
     bt.start({"seed": 0}, {"bnlab.seed": "0"}, "seed: 0\n")
-    import time
-
-    deadline = time.time() + 60
-    while not bt.in_process and time.time() < deadline:  # the process reports ready asynchronously
-        bt._poll_ready()
-        time.sleep(0.05)
-    assert bt.in_process, "the logging process did not start"
+    wait_ready(bt)
     for step in range(1, 6):
         bt.log_epoch(step, {"train/loss": 1.0 / step, "val/acc": 0.1 * step})
     bt.set_tags({"bnlab.diverged": "false"})
@@ -139,13 +144,7 @@ def test_logging_process_writes_every_epoch_in_order(home):
 def test_a_failed_write_in_the_logging_process_fails_the_run(home):
     bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "bad-write"), process=True)
     bt.start({}, {}, "")
-    import time
-
-    deadline = time.time() + 60
-    while not bt.in_process and time.time() < deadline:
-        bt._poll_ready()
-        time.sleep(0.05)
-    assert bt.in_process
+    wait_ready(bt)
     bt.log_epoch(1, {"val/acc": 0.5})
     bt.log_epoch(2, {"not a valid name!": 0.5})  # MLflow rejects '!' in a metric name
     bt.end("FINISHED")
