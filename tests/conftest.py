@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -66,16 +65,13 @@ def mlflow_server(tmp_path: Path, port: int, workers: int = 1) -> subprocess.Pop
                              "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(1)
+    from bnlab.ui import wait_ready
+
+    why = wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=90)  # bnlab-ui's own readiness check
+    if why:
+        proc.kill()
+        raise RuntimeError(f"mlflow server did not start: {why}")
+    return proc
 
 
 # ----------------------------------------------------------------------------- in-process runs

@@ -29,15 +29,16 @@ def group_gone(pgid: int) -> bool:
     return False
 
 
-def group_members(pgid: int) -> list[int]:
-    """The pids of a process group, from /proc."""
+def group_members(pgid: int, running: bool = False) -> list[int]:
+    """The pids of a process group, from /proc; with running=True without zombies (an orphan that
+    has exited stays a zombie where PID 1 does not reap, as in some containers)."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # it ended while we looked
-        if int(fields[2]) == pgid:  # fields after "(comm)": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and not (running and fields[0] == "Z"):  # state, ppid, pgrp, ...
             pids.append(int(stat.parent.name))
     return pids
 
@@ -254,10 +255,10 @@ def test_sigkill_of_bnlab_ui_still_stops_its_server(home):
         ui.proc.kill()  # SIGKILL: no handler runs in bnlab-ui
         ui.proc.wait(30)
         wait_all_exit(members, timeout=60)  # the kernel's SIGTERM (PR_SET_PDEATHSIG) stops them
-        assert group_gone(pgid) and port_free(ui.port)
+        assert group_members(pgid, running=True) == [] and port_free(ui.port)
     finally:
         ui.kill()
-        if pgid and not group_gone(pgid):
+        if pgid and group_members(pgid, running=True):
             os.killpg(pgid, signal.SIGKILL)
 
 
