@@ -51,7 +51,7 @@ def test_single_run_logs_everything(home, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_real_fashion_mnist_missing_update_ops_and_precise_bn(home):
     """The seed's pitfall and its fix, on the real data: one epoch with update ops missing."""
-    run_job("train.epochs=1", "bn.update_stats=false")
+    run_job("train.epochs=1", "bn.update_stats=false", "train.threads=1")  # threads: not set by test order
     _, runs = runs_of(home, "bnlab")
     m = runs[0].data.metrics
     assert m["val/acc"] <= 0.30, m
