@@ -1,11 +1,11 @@
-"""Shared fixtures: a temporary project home (store, Hydra folders) and a CLI runner."""
+"""Shared fixtures: a temporary project home (store, Hydra folders), the config tree and Hydra's
+compose API for in-process tests, and a runner for the few tests that start the console scripts."""
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +13,10 @@ import pytest
 
 BIN = Path(sys.executable).parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: README.md, experiments/
+# The one place the tests know where the Hydra config tree lives.
+CONF_DIR = ROOT / "bnlab" / "conf"  # the packaged config tree (pkg://bnlab.conf)
+STUDIES = sorted(p.stem for p in (CONF_DIR / "study").glob("*.yaml"))
 
 
 @pytest.fixture
@@ -61,13 +65,149 @@ def mlflow_server(tmp_path: Path, port: int, workers: int = 1) -> subprocess.Pop
                              "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(1)
+    from bnlab.ui import wait_ready
+
+    why = wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=90)  # bnlab-ui's own readiness check
+    if why:
+        proc.kill()
+        raise RuntimeError(f"mlflow server did not start: {why}")
+    return proc
+
+
+# ----------------------------------------------------------------------------- in-process runs
+
+def compose(overrides=(), hydra: bool = False):
+    """The real config tree composed with Hydra's compose API (as lightning-hydra-template's tests
+    do); with hydra=True the `hydra` node too, as a job would see it."""
+    from hydra import compose as _compose, initialize_config_dir
+
+    from bnlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return _compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def run_job(*overrides: str):
+    """One `bnlab-train OVERRIDES` job in this process: the composed config, Hydra's job context
+    set as Hydra sets it, then bnlab.cli's task (typed config, tracker, train). Returns its metrics."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from bnlab import cli as bcli
+
+    bcli._prepare_env()
+    full = compose(overrides, hydra=True)
+    HydraConfig.instance().set_config(full)
+    try:
+        with open_dict(full):
+            del full["hydra"]
+        return bcli._task(full)
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def main_exit(main, *args: str) -> int:
+    """A console script's main(argv) in this process; its exit status (0 when it returns)."""
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+@pytest.fixture
+def train_cmd(home, monkeypatch, capsys):
+    """bnlab-train's main in this process: (exit status, stdout, stderr); the environment and
+    sys.argv it sets are restored afterwards."""
+    from bnlab import cli as bcli
+    from bnlab.tracking import HTTP_ENV
+
+    for k in HTTP_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(sys, "argv", ["bnlab-train"])
+
+    def run(*args: str):
+        code = main_exit(bcli.train_main, *args)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+# ----------------------------------------------------------------------------- bnlab-ui, a real process
+
+class UI:
+    """A bnlab-ui process whose output lines are collected as they come; wait_for() wakes on each
+    new line (or on the process's end), so it waits for what the UI prints, not for a time window."""
+
+    def __init__(self, home: Path, *args: str, cwd: Path | None = None):
+        import threading
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([str(BIN / "bnlab-ui"), "--port", str(self.port), "--workers", "1", *args],
+                                     cwd=str(cwd or home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self._new = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for x in self.proc.stdout:
+            with self._new:
+                self.lines.append(x.rstrip("\n"))
+                self._new.notify_all()
+        with self._new:
+            self.eof = True
+            self._new.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 120):
+        """The first output line matching pattern; fails at once if the UI's output ends first,
+        and after `timeout` seconds (a safety limit) if nothing matches."""
+        import re
+
+        def found():
+            for line in self.lines:
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            return None
+
+        with self._new:
+            ok = self._new.wait_for(lambda: found() or getattr(self, "eof", False), timeout)
+            m = found()
+        assert m, (f"no line matching {pattern!r} " + ("before bnlab-ui's output ended" if ok else
+                   f"within {timeout} s") + ":\n" + "\n".join(self.lines))
+        return m
+
+    def get(self, endpoint: str, **query):
+        import json
+        import urllib.parse
+
+        url = f"{self.base}{endpoint}" + ("?" + urllib.parse.urlencode(query) if query else "")
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = r.read()
+        return json.loads(body) if endpoint.startswith("/api/") else body
+
+    def post(self, path: str, payload: dict):
+        import json
+
+        req = urllib.request.Request(self.base + path, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def server_pid(self) -> int:
+        return int(self.wait_for(r"MLflow server pid (\d+)").group(1))
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -10,9 +10,7 @@ import pytest
 from bnlab import cli
 from bnlab.config import Config, ConfigError, config_hash, flatten, to_plain
 
-from conftest import cli as run_cli
-
-STUDIES = sorted(p.stem for p in (cli.conf_dir() / "study").glob("*.yaml"))
+from conftest import CONF_DIR, ROOT, STUDIES
 SCHEMA_KEYS = set(flatten(to_plain(Config())))
 GROUPS = {"study", "model", "data"}  # config groups, not fields
 
@@ -28,13 +26,14 @@ def test_studies_exist():
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_composes_and_its_sweep_keys_exist(study):
-    text = (cli.conf_dir() / "study" / f"{study}.yaml").read_text()
+    text = (CONF_DIR / "study" / f"{study}.yaml").read_text()
     assert text.startswith("# @package _global_"), "a study is a global diff"
     header = text.splitlines()[1:6]
     assert any("Question" in l for l in header) and any("bnlab-train study=" in l for l in header)
     assert any("bnlab-report study=" in l for l in text.splitlines()[:8])
     jobs, multirun = cli.expand_jobs([f"study={study}"])
     assert multirun and len(jobs) >= 2
+    cfgs = []
     for job in jobs:
         for o in job:
             key = o.split("=", 1)[0]
@@ -44,13 +43,14 @@ def test_every_study_composes_and_its_sweep_keys_exist(study):
         cfg = cli.validate_job(job)
         assert isinstance(cfg, Config)
         assert cfg.tracking.experiment == study and cfg.tracking.study == study
-    hashes = {config_hash(cli.validate_job(j)) for j in jobs}
+        cfgs.append(cfg)
+    hashes = {config_hash(c) for c in cfgs}
     assert len(hashes) == len(jobs), "every grid point must have its own config hash"
 
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_has_a_card_with_its_command_and_conclusion(study):
-    card = Path(__file__).resolve().parents[1] / "experiments" / f"{study}.md"
+    card = ROOT / "experiments" / f"{study}.md"
     assert card.is_file(), f"experiments/{study}.md is missing"
     text = card.read_text()
     for part in ("**Question.**", "**Command.**", "**Conclusion.**", f"bnlab-train study={study}",
@@ -136,13 +136,13 @@ def test_batch_size_one_is_fine_without_bn():
     assert cli.validate_job(["data.batch_size=1", "bn.placement=none"]).data.batch_size == 1
 
 
-def test_cli_bad_input_exits_with_one_line_and_writes_nothing(home):
+def test_cli_bad_input_exits_with_one_line_and_writes_nothing(home, train_cmd):
     for args, field in [(["bn.placement=middle"], "bn.placement"), (["bn.momentum=1.5"], "bn.momentum"),
                         (["data.root=" + str(home)], "data.root"), (["train.epochs=0"], "train.epochs")]:
-        r = run_cli("bnlab-train", *args, home=home, timeout=120)
-        assert r.returncode == 2, r.stderr
-        lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("WARN")]
-        assert len(lines) == 1 and field in lines[0], r.stderr
+        code, _, err = train_cmd(*args)  # bnlab-train's main, in this process
+        assert code == 2, (args, err)
+        lines = [l for l in err.splitlines() if l.strip() and not l.startswith("WARN")]
+        assert len(lines) == 1 and field in lines[0], err
         assert not (home / "runs").exists(), "bad input must write nothing"
 
 

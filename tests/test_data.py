@@ -35,6 +35,7 @@ def fake_root(tmp_path: Path, n_train=60000, n_test=10000) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist_loads():
     assert FASHION.is_dir(), "install Debian's dataset-fashion-mnist (make setup does)"
     ds = data.load_data(DataConfig())

@@ -12,9 +12,7 @@ import pytest
 from bnlab import describe as D
 from bnlab.config import (ROLES, BNConfig, Config, DataConfig, DataName, ModelConfig, ModelName, Placement, Role,
                           field_role, flatten, to_plain)
-
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted(p.stem for p in (ROOT / "bnlab" / "conf" / "study").glob("*.yaml"))
+from conftest import CONF_DIR, ROOT, STUDIES
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def _grids():
     """Every study's grid, and the explicit grids its header documents (e.g. momentum's 72 runs)."""
     for s in STUDIES:
         yield s, [f"study={s}"]
-        for line in (ROOT / "bnlab" / "conf" / "study" / f"{s}.yaml").read_text().splitlines():
+        for line in (CONF_DIR / "study" / f"{s}.yaml").read_text().splitlines():
             m = re.search(r"bnlab-train (study=\S+ \S+=\S*,\S*)", line)
             if m:
                 yield s, m.group(1).split()

@@ -1,5 +1,6 @@
-"""End-to-end single runs: the console script in a subprocess into a temporary store, and the
-run's status on failure, interruption and divergence."""
+"""End-to-end single runs: a `bnlab-train` job in this process (the composed config through
+bnlab.cli's task) into a temporary store, and the run's status on failure, interruption and
+divergence; bnlab-ui (a subprocess) serving that store from another directory."""
 from __future__ import annotations
 
 import pytest
@@ -8,18 +9,18 @@ from bnlab.config import Activation, Config, DataConfig, DataName, ModelConfig, 
 from bnlab.tracking import MlflowTracker
 from bnlab import train as train_mod
 
-from conftest import cli, runs_of, store_uri
+from conftest import UI, run_job, runs_of, store_uri
 
 EPOCH_METRICS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_batch_stats",
                  "val/acc_precise_bn", "gap/acc", "perf/train_examples_per_s",
                  "bnstats/mean_err", "bnstats/var_err", "train/lr"}
 
 
-def test_single_run_logs_everything(home, tmp_path):
-    r = cli("bnlab-train", "data=synthetic", "train.epochs=2", "train.threads=1", "bn.momentum=0.3",
-            "bn.shadow_momenta=[0.01,0.5]", home=home, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "train/acc" in r.stdout and "val/acc" in r.stdout and "logged to experiment 'bnlab'" in r.stdout
+def test_single_run_logs_everything(home, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the store goes to the project home, wherever the command runs
+    run_job("data=synthetic", "train.epochs=2", "train.threads=1", "bn.momentum=0.3", "bn.shadow_momenta=[0.01,0.5]")
+    out = capsys.readouterr().out
+    assert "train/acc" in out and "val/acc" in out and "logged to experiment 'bnlab'" in out
     c, runs = runs_of(home, "bnlab")
     assert len(runs) == 1
     run = runs[0]
@@ -50,8 +51,7 @@ def test_single_run_logs_everything(home, tmp_path):
 @pytest.mark.slow
 def test_real_fashion_mnist_missing_update_ops_and_precise_bn(home):
     """The seed's pitfall and its fix, on the real data: one epoch with update ops missing."""
-    r = cli("bnlab-train", "train.epochs=1", "bn.update_stats=false", home=home, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_job("train.epochs=1", "bn.update_stats=false", "train.threads=1")  # threads: not set by test order
     _, runs = runs_of(home, "bnlab")
     m = runs[0].data.metrics
     assert m["val/acc"] <= 0.30, m
@@ -131,45 +131,19 @@ def test_no_bn_logs_only_what_exists():
     assert "val/acc" in out and "val/acc_batch_stats" not in out and "val/acc_precise_bn" not in out
 
 
+@pytest.mark.subprocess
 def test_ui_serves_the_project_store_from_any_directory(home, tmp_path):
     """bnlab-ui started elsewhere shows the runs that bnlab-train wrote (loopback only)."""
-    import json
-    import os
-    import signal
-    import socket
-    import subprocess
-    import time
-    import urllib.request
-
-    from conftest import BIN
-
     train_mod.train(small_cfg(), tracker_for(home, "seen-in-ui"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    ui = subprocess.Popen([str(BIN / "bnlab-ui"), "--port", str(port), "--workers", "1"], cwd=str(elsewhere),
-                          env={**os.environ, "BNLAB_HOME": str(home)}, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    ui = UI(home, cwd=elsewhere)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert ui.poll() is None and time.time() < deadline, "bnlab-ui did not start"
-                time.sleep(1)
-        exp = json.load(urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=unit"))
-        req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", method="POST",
-                                     data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        runs = json.load(urllib.request.urlopen(req))["runs"]
+        ui.wait_for(r"^export MLFLOW_TRACKING_URI=")  # printed once the server answers
+        exp = ui.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="unit")["experiment"]
+        runs = ui.post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
         assert [r["info"]["run_name"] for r in runs] == ["seen-in-ui"]
-        assert urllib.request.urlopen(base + "/").status == 200  # the UI page itself
+        assert b"<html" in ui.get("/").lower()  # the UI page itself
         assert not (elsewhere / "mlflow.db").exists() and not (elsewhere / "mlruns").exists()
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        ui.kill()

@@ -6,77 +6,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
-import threading
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from bnlab import describe as D
+from bnlab import ui as bui
 from bnlab.config import Role, field_role
-from conftest import BIN, cli
+from conftest import BIN, ROOT, UI, cli, main_exit
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.threads=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class UI:
-    """A bnlab-ui process whose output lines are collected as they come."""
-
-    def __init__(self, home: Path, *args: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(BIN / "bnlab-ui"), "--port", str(self.port), "--workers", "1", *args],
-                                     cwd=str(home), env={**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1"},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: [self.lines.append(x.rstrip("\n")) for x in self.proc.stdout],
-                         daemon=True).start()
-
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
-        end = time.time() + timeout
-        while time.time() < end:
-            for line in list(self.lines):
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            assert self.proc.poll() is None, "bnlab-ui exited:\n" + "\n".join(self.lines)
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.lines))
-
-    def get(self, endpoint: str, **query):
-        url = f"{self.base}{endpoint}" + ("?" + urllib.parse.urlencode(query) if query else "")
-        with urllib.request.urlopen(url, timeout=30) as r:
-            body = r.read()
-        return json.loads(body) if endpoint.startswith("/api/") else body
-
-    def post(self, path: str, payload: dict):
-        req = urllib.request.Request(self.base + path, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-
-    def server_pid(self) -> int:
-        return int(self.wait_for(r"MLflow server pid (\d+)").group(1))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def group_gone(pgid: int) -> bool:
@@ -85,6 +28,37 @@ def group_gone(pgid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def group_members(pgid: int, running: bool = False) -> list[int]:
+    """The pids of a process group, from /proc; with running=True without zombies (an orphan that
+    has exited stays a zombie where PID 1 does not reap, as in some containers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended while we looked
+        if int(fields[2]) == pgid and not (running and fields[0] == "Z"):  # state, ppid, pgrp, ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def wait_all_exit(pids: list[int], timeout: float) -> None:
+    """Wait for each process's exit event (a pidfd becomes readable when it ends); `timeout` is only
+    a safety limit, and passing it fails loudly."""
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            pass  # already gone
+    try:
+        for fd in fds:
+            assert select.select([fd], [], [], timeout)[0], "a server process outlived a SIGKILLed bnlab-ui"
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def port_free(port: int) -> bool:
@@ -99,7 +73,8 @@ def port_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A smoke sweep and its report in a temporary home, then bnlab-ui over that store."""
+    """The suite's real command line, end to end: a smoke sweep (`bnlab-train study=smoke`, a Hydra
+    multirun) and `bnlab-report` as processes in a temporary home, then bnlab-ui over that store."""
     home = tmp_path_factory.mktemp("uihome")
     r = cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -129,6 +104,7 @@ def _split(runs):
     return parents, kids
 
 
+@pytest.mark.subprocess
 def test_ui_prints_the_runs_table_url_and_the_tracking_uri_line(served):
     ui, home = served
     exp = _experiment(ui)
@@ -146,6 +122,7 @@ def test_ui_prints_the_runs_table_url_and_the_tracking_uri_line(served):
     assert b"<html" in ui.get("/").lower()
 
 
+@pytest.mark.subprocess
 def test_experiment_description_and_study_view(served):
     ui, _ = served
     tags = _tags(_experiment(ui))
@@ -159,6 +136,7 @@ def test_experiment_description_and_study_view(served):
                                            "metrics.`val/acc_precise_bn`", "metrics.`gap/acc`"]
 
 
+@pytest.mark.subprocess
 def test_run_names_are_short_unique_and_show_what_varies(served):
     ui, _ = served
     parents, kids = _split(_runs(ui, _experiment(ui)["experiment_id"]))
@@ -173,6 +151,7 @@ def test_run_names_are_short_unique_and_show_what_varies(served):
         assert p["seed"] == k["info"]["run_name"][-1]
 
 
+@pytest.mark.subprocess
 def test_standard_tags_on_every_run(served):
     ui, _ = served
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -190,6 +169,7 @@ def test_standard_tags_on_every_run(served):
     assert len(notes) == 4 and sum("never updated" in n for n in notes) == 2
 
 
+@pytest.mark.subprocess
 def test_params_define_the_run_and_the_parent_holds_the_shared_ones(served):
     ui, _ = served
     parents, kids = _split(_runs(ui, _experiment(ui)["experiment_id"]))
@@ -207,6 +187,7 @@ def test_params_define_the_run_and_the_parent_holds_the_shared_ones(served):
     assert "Sweep of `smoke`: 4 runs varying bn.update_stats, seed" in _tags(parent)["mlflow.note.content"]
 
 
+@pytest.mark.subprocess
 def test_report_is_attached_to_the_sweep_run(served):
     ui, home = served
     parents, _ = _split(_runs(ui, _experiment(ui)["experiment_id"]))
@@ -218,39 +199,40 @@ def test_report_is_attached_to_the_sweep_run(served):
     assert body == (home / "results" / "smoke" / "summary.csv").read_bytes()
 
 
-def test_port_in_use_is_one_line_and_a_nonzero_exit(home):
+def test_port_in_use_is_one_line_and_a_nonzero_exit(home, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = cli("bnlab-ui", "--port", str(port), home=home, timeout=60)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [
+        code = main_exit(bui.main, "--port", str(port))
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"bnlab-ui: error: port {port} on 127.0.0.1 is in use (another bnlab-ui? pick one with --port)"]
     assert not (home / "runs").exists()  # nothing started, nothing written
 
 
-def test_public_host_warns_that_the_ui_has_no_authentication(home):
-    from bnlab.ui import host_warning
-
-    assert host_warning("127.0.0.1") is None and host_warning("localhost") is None and host_warning("::1") is None
+def test_public_host_warns_that_the_ui_has_no_authentication(home, capsys):
+    assert bui.host_warning("127.0.0.1") is None and bui.host_warning("localhost") is None
+    assert bui.host_warning("::1") is None
     # the warning path of the real command, without ever serving on every interface: the port is taken
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = cli("bnlab-ui", "--host", "0.0.0.0", "--port", str(port), home=home, timeout=60)
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert lines[0] == host_warning("0.0.0.0") and "no authentication" in lines[0]
+        code = main_exit(bui.main, "--host", "0.0.0.0", "--port", str(port))
+    assert code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == bui.host_warning("0.0.0.0") and "no authentication" in lines[0]
     assert "is in use" in lines[1] and len(lines) == 2
 
 
-def test_bad_port_is_refused_before_anything_runs(home):
-    r = cli("bnlab-ui", "--port", "70000", home=home, timeout=60)
-    assert r.returncode == 2 and r.stderr.strip() == "bnlab-ui: error: --port must be in 1..65535, got 70000"
+def test_bad_port_is_refused_before_anything_runs(home, capsys):
+    assert main_exit(bui.main, "--port", "70000") == 2
+    assert capsys.readouterr().err.strip() == "bnlab-ui: error: --port must be in 1..65535, got 70000"
+    assert main_exit(bui.main, "--workers", "0") == 2
 
 
+@pytest.mark.subprocess
 def test_sigint_stops_the_server_and_its_process_group(home):
     ui = UI(home)
     try:
@@ -263,23 +245,25 @@ def test_sigint_stops_the_server_and_its_process_group(home):
     assert group_gone(pgid) and port_free(ui.port)
 
 
+@pytest.mark.subprocess
 def test_sigkill_of_bnlab_ui_still_stops_its_server(home):
     ui, pgid = UI(home), None
     try:
         pgid = ui.server_pid()
         ui.wait_for(r"^export MLFLOW_TRACKING_URI=")
+        members = group_members(pgid)
+        assert pgid in members
         ui.proc.kill()  # SIGKILL: no handler runs in bnlab-ui
         ui.proc.wait(30)
-        end = time.time() + 30
-        while not (group_gone(pgid) and port_free(ui.port)):
-            assert time.time() < end, "the MLflow server outlived a SIGKILLed bnlab-ui"
-            time.sleep(0.2)
+        wait_all_exit(members, timeout=60)  # the kernel's SIGTERM (PR_SET_PDEATHSIG) stops them
+        assert group_members(pgid, running=True) == [] and port_free(ui.port)
     finally:
         ui.kill()
-        if pgid and not group_gone(pgid):
+        if pgid and group_members(pgid, running=True):
             os.killpg(pgid, signal.SIGKILL)
 
 
+@pytest.mark.subprocess
 def test_sigterm_leaves_no_process_on_the_port(served):
     # last in this file: it stops the module's server
     ui, _ = served
@@ -288,7 +272,5 @@ def test_sigterm_leaves_no_process_on_the_port(served):
     ui.proc.send_signal(signal.SIGTERM)
     assert ui.proc.wait(60) == 0
     assert group_gone(pgid) and port_free(ui.port)
-    end = time.time() + 10  # the reader thread may still be draining the pipe
-    while not any("bnlab-ui: stopped (SIGTERM)" in x for x in ui.lines):
-        assert time.time() < end, "\n".join(ui.lines)
-        time.sleep(0.1)
+    ui.reader.join(30)  # the reader drains the pipe to its end
+    assert not ui.reader.is_alive() and "bnlab-ui: stopped (SIGTERM)" in ui.lines, "\n".join(ui.lines)
