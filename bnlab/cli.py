@@ -86,7 +86,11 @@ def user_config(args: Sequence[str]) -> List[str]:
     if added:
         before = [e for e in os.environ.get(studies.ENV, "").split(os.pathsep) if e]
         os.environ[studies.ENV] = os.pathsep.join(added + [e for e in before if e not in added])
-    return out + ([searchpath_override()] if studies.user_sources() else [])
+    if not studies.user_sources():
+        return out
+    # Next to the first override: Hydra's parser takes the overrides as one run of positionals.
+    first = next((i for i, a in enumerate(out) if not a.startswith("-") and "=" in a), len(out))
+    return out[:first] + [searchpath_override()] + out[first:]
 
 
 def _compose(overrides: Sequence[str], return_hydra_config: bool = False):

@@ -89,8 +89,11 @@ def test_the_wheel_runs_a_users_own_study_from_a_project_folder(tmp_path):
     env["PYTHONUNBUFFERED"] = "1"
     wheel = _wheel(tmp_path, env)
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", venv], tmp_path, env)
-    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "-c", ROOT / "constraints.txt"]
+    # A fresh venv, filled by this pip (--python: no ensurepip copy); --no-compile: no .pyc for the
+    # thousands of files of torch and MLflow, only for what the commands below import.
+    _run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, env)
+    pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-compile",
+           "-c", ROOT / "constraints.txt"]
     if WHEELS.is_dir():
         pip += ["--find-links", WHEELS]
     _run(pip + [wheel], tmp_path, env, timeout=900)

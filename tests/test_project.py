@@ -352,3 +352,14 @@ def test_the_report_names_the_version_where_runs_have_no_commit():
                          "tags.bnlab.version": ["0.1.0", "0.1.0", "0.1.0"]})
     text = commits_text(runs)
     assert "`bnlab 0.1.0` (installed, 2 runs)" in text and "`aaaaaaaaaaaa` (clean, 1 run)" in text
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("order", ["flags first", "flags last"])
+def test_config_dir_with_hydras_own_flags_on_the_real_command_line(project, tmp_path, order):
+    folder = _write(tmp_path / "elsewhere" / "study" / "mystudy.yaml", MY_STUDY).parents[1]
+    flags = ["--config-dir", str(folder), "--cfg", "job"]
+    args = flags + ["study=mystudy"] if order == "flags first" else ["study=mystudy"] + flags
+    r = run_cli("bnlab-train", *args, home=project, cwd=project, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "experiment: mystudy" in r.stdout and not (project / "runs").exists()
