@@ -17,7 +17,7 @@ $(DATASET):
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	# constraints.txt pins the tested versions (torch 2.13.0: the CPU build, never a CUDA one).
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,cluster]'
 	touch $@
 
 study: setup  ## the default study on the real Fashion-MNIST, then its figures in results/

@@ -125,6 +125,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# A database server (PostgreSQL, MySQL) limits connections (PostgreSQL: 100 by default), and each
+# uvicorn worker of `mlflow server` holds its own SQLAlchemy pool (SQLAlchemy's default: 5 + 10
+# overflow). bnlab-ui caps it per worker; requests beyond wait for a free connection (pool timeout
+# 30 s). Values already in the environment win.
+POOL_SIZE, MAX_OVERFLOW = "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"
+DB_POOL = {POOL_SIZE: "4", MAX_OVERFLOW: "2"}
+
+
+def db_pool_env(store: str, env: dict) -> Optional[int]:
+    """For a database store, set the pool bounds in `env`; returns connections per worker."""
+    if store.split(":", 1)[0].split("+")[0] not in ("postgresql", "mysql", "mssql"):
+        return None
+    for k, v in DB_POOL.items():
+        env.setdefault(k, v)
+    return int(env[POOL_SIZE]) + int(env[MAX_OVERFLOW])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bnlab-ui", description=main.__doc__)
     ap.add_argument("--port", type=int, default=5000)
@@ -163,6 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
            "--workers", str(a.workers)]
     # MLflow 3.x servers start a pool of GenAI job workers by default: seconds of CPU for nothing here.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    bound = db_pool_env(store, env)
+    if bound:
+        print(f"bnlab-ui: at most {bound * a.workers} database connections ({a.workers} workers x pool "
+              f"{env[POOL_SIZE]} + overflow {env[MAX_OVERFLOW]})", flush=True)
     url = base_url(a.host, a.port)
     print(f"bnlab-ui: starting the MLflow UI on {url} over {store} ...", flush=True)
     # Its own session and process group: a terminal's Ctrl-C reaches only this process, which then
