@@ -240,8 +240,10 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
                 label = f"round {r + 1} (seeds {_seeds_text(seeds)})"
                 step("round_start", r)
                 t0 = clock()
-                rc = launch(seeds)
-                trained["rounds"] += 1
+                try:
+                    rc = launch(seeds)
+                finally:  # an interrupted round counts: it may have trained some of its grid
+                    trained["rounds"] += 1
                 last_round_s = clock() - t0
                 step("round_trained", r)
                 if rc != 0:
@@ -259,11 +261,12 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
            STOP_SEEDS: f"the seed budget is spent (max_seeds={plan.max_seeds})",
            STOP_TIME: f"the time budget is spent (max_minutes={plan.max_minutes}; the next round would end after it)",
            STOP_FAILED: "a round failed"}[stopped]
-    say(f"stopped: {why}; {trained['rounds']} round(s) trained here, {len(done)} seeds, {total():.0f} s in all")
+    final = total()
+    say(f"stopped: {why}; {trained['rounds']} round(s) trained here, {len(done)} seeds, {final:.0f} s in all")
     for c in claims:
         out(f"  - {c.claim}: {c.decision.text()}")
-    keep(lines[-1])
-    return Outcome(stopped, trained["rounds"], done, claims, total(), lines)
+    record({"wall_s": final, "rounds": trained["rounds"], "last": lines[-1]})
+    return Outcome(stopped, trained["rounds"], done, claims, final, lines)
 
 
 # ------------------------------------------------------------------------------ the real store and sweeps
@@ -389,6 +392,12 @@ def launch_sweep(plan: Plan, seeds: List[int]) -> int:
         raise
 
 
+def _sequentially(evaluate: Callable, study: str, runs, curves) -> list:
+    """Whatever evaluates the claims, bnlab-decide reads every verdict with the confidence sequence."""
+    with V.using(V.SEQUENTIAL):
+        return list(evaluate(study, runs, curves))
+
+
 def decide(plan: Plan, *, evaluate: Optional[Callable] = None, launch: Optional[Callable] = None,
            step: Callable[[str, int], None] = lambda name, r: None, out: Callable[[str], None] = print) -> Outcome:
     """bnlab-decide on the real store: `evaluate(study, runs, curves)` defaults to study_claims and
@@ -410,7 +419,7 @@ def decide(plan: Plan, *, evaluate: Optional[Callable] = None, launch: Optional[
         return launch(plan, seeds)
 
     return run_rounds(plan, launch=launch_round, observe=store.observe, complete=store.complete,
-                      evaluate=lambda runs, curves: evaluate(plan.study, runs, curves), record=record,
+                      evaluate=lambda runs, curves: _sequentially(evaluate, plan.study, runs, curves), record=record,
                       prior_wall_s=store.prior_wall_s(), step=step, out=out)
 
 
