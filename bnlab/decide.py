@@ -129,7 +129,7 @@ def study_claims(study: str, runs, curves) -> list:
         for c in rows:
             word = str(c.agrees).split(" ", 1)[0]
             verdict = V.HOLDS if word == "yes" else V.UNDECIDED
-            out.append(LegacyClaim(c.claim, c.measured, V.Decision(verdict, str(c.agrees))))
+            out.append(LegacyClaim(c.claim, c.measured, V.Decision(verdict, f"bnlab.analysis.claims: {c.agrees}")))
         return out
 
 
@@ -369,6 +369,22 @@ class StudyStore:
                 c.set_tag(run_id, TAG_ROUND, round_label)
 
 
+def summary(experiment: str, uri: Optional[str] = None) -> Optional[str]:
+    """For a report section: 'bnlab-decide: 7 rounds, 2412 s in all; last: stopped: ...' from the
+    experiment's bnlab.decide.* tags, or None where bnlab-decide never ran on it (or no store exists)."""
+    from bnlab.tracking import client, resolve_uri, sqlite_path
+
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        return None
+    exp = client(resolve_uri(uri)).get_experiment_by_name(experiment)
+    if exp is None or TAG_WALL not in exp.tags:
+        return None
+    t = exp.tags
+    return (f"bnlab-decide: {t.get(TAG_ROUNDS, '0')} rounds, {float(t[TAG_WALL]):.0f} s in all; "
+            f"last: {t.get(TAG_LAST, '')}")
+
+
 def sweep_command(plan: Plan, seeds: List[int]) -> List[str]:
     """One round: bnlab-train's own console entry in this interpreter (the installed package, wherever
     its scripts are)."""
@@ -376,19 +392,27 @@ def sweep_command(plan: Plan, seeds: List[int]) -> List[str]:
             f"study={plan.study}", "seed=" + ",".join(map(str, seeds)), *plan.overrides]
 
 
+SIGINT_GRACE_S = 15.0  # how long a Ctrl-C'd sweep may take to end its runs before it is signalled itself
+
+
 def launch_sweep(plan: Plan, seeds: List[int]) -> int:
-    """Runs one round's multirun and returns its exit status. On Ctrl-C the sweep (same process group)
-    gets the SIGINT too; it is waited for, so that it ends its runs KILLED and releases its claims."""
+    """Runs one round's multirun and returns its exit status. A terminal's Ctrl-C reaches the sweep
+    too (same process group): it is waited for, so that it ends its runs KILLED and releases its
+    claims; only a sweep still running after SIGINT_GRACE_S (this process alone was signalled) gets
+    a SIGINT of its own."""
     proc = subprocess.Popen(sweep_command(plan, seeds), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # when only this process was signalled
+        try:
+            proc.wait(timeout=SIGINT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         raise
 
 

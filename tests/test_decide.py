@@ -14,7 +14,7 @@ import pytest
 from bnlab import decide as D
 from bnlab.analysis import verdicts as V
 
-from conftest import store_uri
+from conftest import runs_of, store_uri
 
 
 # ------------------------------------------------------------------------------ the loop, injected
@@ -179,6 +179,13 @@ def _runs(home):
     return load_runs("smoke", store_uri(home))
 
 
+def _trained(home, status: str = "FINISHED") -> list:
+    """Config hash of every job run with that status in the raw store (no de-duplication)."""
+    _, runs = runs_of(home, "smoke")
+    return [r.data.tags.get("bnlab.config_hash") for r in runs
+            if r.data.tags.get("bnlab.role") == "job" and r.info.status == status]
+
+
 def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home):
     plan = D.parse_args(["study=smoke", "max_seeds=12", "seeds_per_round=3", *SMOKE])
     launched = []
@@ -207,7 +214,9 @@ def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home
     assert launched == [[0, 1, 2], [3, 4, 5], [4, 5]]  # only what round 2 still lacked
     after = _runs(home)
     kept = after[after["run_id"].isin(before["run_id"])]
-    assert len(kept) == len(before) and len(after) == 12  # nothing trained twice
+    assert len(kept) == len(before) and len(after) == 12
+    assert len(_trained(home)) == 12 and len(set(_trained(home))) == 12  # nothing trained twice
+    assert _trained(home, "KILLED") == []  # the interruption came between sweeps
     assert out.stopped == D.STOP_DECIDED and out.seeds == list(range(6))
     d = out.claims[0].decision
     assert d.verdict == V.HOLDS and d.n == 6 and d.method == V.CS_METHOD and d.lo > 0.2
@@ -219,6 +228,9 @@ def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home
 
     tags = MlflowClient(store_uri(home)).get_experiment_by_name("smoke").tags
     assert float(tags[D.TAG_WALL]) == pytest.approx(out.wall_s, abs=0.1) and int(tags[D.TAG_ROUNDS]) == 3
+    note = D.summary("smoke", store_uri(home))
+    assert note.startswith("bnlab-decide: 3 rounds, ") and "stopped: every claim is decided" in note
+    assert D.summary("gamma_beta", store_uri(home)) is None
 
 
 def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home):
@@ -232,3 +244,45 @@ def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home):
     out = D.decide(plan, evaluate=_never_decided, launch=lambda p, s: launched.append(s) or 0,
                    out=lambda line: None)
     assert out.stopped == D.STOP_TIME and launched == [] and out.wall_s > 3.0
+
+
+def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) once round 1 has been reported, wherever
+    in round 2 it lands: exit 130, then the same command finishes with every grid point trained once."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import BIN
+
+    args = [str(BIN / "bnlab-decide"), "study=smoke", "max_seeds=4", *SMOKE]
+    env = {**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=str(home), start_new_session=True)
+    try:
+        for line in proc.stdout:  # the explicit signal: round 1's line
+            if line.startswith("[decide smoke] round 1 (seeds 0,1)"):
+                break
+        else:
+            pytest.fail(f"no round line; stderr: {proc.stderr.read()[-2000:]}")
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; rerun the same command to resume" in err
+    first = _runs(home)
+    round1 = set(first.loc[first["seed"].isin([0, 1]) & first["status"].eq("FINISHED"), "run_id"])
+    assert len(round1) == 4
+    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=str(home), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped: the seed budget is spent (max_seeds=4)" in done.stdout
+    runs = _runs(home)
+    fin = runs[runs["status"].eq("FINISHED")]
+    assert len(fin) == 8 and round1 <= set(fin["run_id"])
+    # every grid point FINISHED exactly once; at most the one run training at the Ctrl-C was KILLED
+    # (the basic launcher trains one job at a time) and then trained again
+    assert len(_trained(home)) == 8 and len(set(_trained(home))) == 8
+    assert len(_trained(home, "KILLED")) <= 1
+    assert not runs["status"].eq("RUNNING").any()
