@@ -13,7 +13,6 @@ points already FINISHED are never retrained, finished rounds are not relaunched.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import signal

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.machinery
 import sys
 import types
-from pathlib import Path
 
 import pandas as pd
 import pytest

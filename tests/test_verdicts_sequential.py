@@ -188,7 +188,8 @@ def test_with_a_real_effect_sequential_verdicts_come_and_say_after_how_many_roun
         rounds = stopped[holds] // PER_ROUND
         lines.append(f"effect {effect:g} SD: {holds.mean():.3f} of studies decided 'holds' within "
                      f"{MAX_SEEDS} seeds, median {np.median(rounds):g} rounds ({np.median(stopped[holds]):g} seeds), "
-                     f"90th percentile {np.percentile(rounds, 90):g} rounds; refuted {(verdict == V.REFUTED).mean():.4f}")
+                     f"90th percentile {np.percentile(rounds, 90):g} rounds; "
+                     f"refuted {(verdict == V.REFUTED).mean():.4f}")
         assert (verdict == V.REFUTED).mean() == 0.0
         if effect == 1.0:
             assert holds.mean() >= 0.75 and np.median(rounds) <= 7

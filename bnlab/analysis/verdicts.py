@@ -182,7 +182,8 @@ def _quantile(n: int, alpha: float, method: str) -> float:
     return t_quantile(1 - alpha / 2, n - 1) if method == FIXED else cs_t_boundary(n, alpha)
 
 
-def bounds(x: np.ndarray, alpha: float = 0.05, method: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bounds(x: np.ndarray, alpha: float = 0.05,
+           method: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, lo, hi) of each row of x (rows: studies, columns: their n seeds, all finite), under
     `method` (default: the current one). The same code gives every Decision's interval, so the
     simulation tests exercise what the report prints."""
