@@ -181,6 +181,7 @@ class Outcome:
     claims: list
     wall_s: float  # total over every invocation, as recorded
     lines: List[str]
+    status: int = 0  # the failed round's exit status (2: its bnlab-train refused the input)
 
 
 def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Callable[[], Tuple[object, object]],
@@ -223,7 +224,7 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
         done, claims = sorted(complete(runs, all_seeds)), []
         if done:  # what an earlier sweep or invocation left: perhaps decided already
             done, claims = evaluate_store("in the store before the first round", None, runs, curves)
-        stopped, last_round_s = None, None
+        stopped, last_round_s, rc = None, None, 0
         while stopped is None:
             pending = [(r, [s for s in seeds if s not in done]) for r, seeds in enumerate(plan.rounds())]
             pending = [(r, seeds) for r, seeds in pending if seeds]
@@ -265,7 +266,7 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
     for c in claims:
         out(f"  - {c.claim}: {c.decision.text()}")
     record({"wall_s": final, "rounds": trained["rounds"], "last": lines[-1]})
-    return Outcome(stopped, trained["rounds"], done, claims, final, lines)
+    return Outcome(stopped, trained["rounds"], done, claims, final, lines, rc)
 
 
 # ------------------------------------------------------------------------------ the real store and sweeps
@@ -467,7 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("bnlab-decide: interrupted; rerun the same command to resume (finished grid points are kept)",
               file=sys.stderr)
         return 130
-    return 1 if outcome.stopped == STOP_FAILED else 0
+    return (2 if outcome.status == 2 else 1) if outcome.stopped == STOP_FAILED else 0
 
 
 if __name__ == "__main__":

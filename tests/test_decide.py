@@ -83,7 +83,7 @@ def test_stops_before_a_round_that_would_end_after_the_time_budget():
 def test_a_failed_round_stops_with_its_status():
     f = FakeStudy(decide_at=None, fail_round=2)
     out = f.run(D.Plan("s", max_seeds=20, seeds_per_round=2))
-    assert out.stopped == D.STOP_FAILED and len(f.launched) == 2
+    assert out.stopped == D.STOP_FAILED and len(f.launched) == 2 and out.status == 1
     assert "exited with status 1" in out.lines[-2]
 
 
