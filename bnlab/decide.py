@@ -214,7 +214,11 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
         if runs is None:
             runs, curves = observe()
         done = sorted(complete(runs, all_seeds))
-        claims = evaluate(runs, curves) if done else []
+        try:
+            claims = evaluate(runs, curves) if done else []
+        except Exception as e:  # noqa: BLE001 - reported, never hidden; the rounds go on
+            say(f"{label}: the claims could not be computed: {type(e).__name__}: {e}")
+            claims = []
         say(round_line(label, claims, len(done), round_s, total()))
         keep(lines[-1])
         return done, claims

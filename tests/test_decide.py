@@ -102,6 +102,18 @@ def test_an_interruption_at_a_named_step_resumes_without_relaunching_finished_ro
     assert out.lines[0].startswith("in the store before the first round: 4 seeds so far")
 
 
+def test_claims_that_cannot_be_computed_are_reported_and_the_rounds_go_on():
+    f = FakeStudy()
+
+    def broken(runs, curves):
+        raise KeyError("final/val/acc")
+
+    f.evaluate = broken
+    out = f.run(D.Plan("s", max_seeds=4, seeds_per_round=2))
+    assert out.stopped == D.STOP_SEEDS and len(f.launched) == 2
+    assert "round 1 (seeds 0,1): the claims could not be computed: KeyError: 'final/val/acc'" in out.lines
+
+
 def test_no_claims_yet_is_not_a_decision():
     f = FakeStudy()
     f.evaluate = lambda runs, curves: []
