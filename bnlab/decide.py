@@ -13,7 +13,6 @@ points already FINISHED are never retrained, finished rounds are not relaunched.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -129,7 +128,7 @@ def study_claims(study: str, runs, curves) -> list:
         for c in rows:
             word = str(c.agrees).split(" ", 1)[0]
             verdict = V.HOLDS if word == "yes" else V.UNDECIDED
-            out.append(LegacyClaim(c.claim, c.measured, V.Decision(verdict, str(c.agrees))))
+            out.append(LegacyClaim(c.claim, c.measured, V.Decision(verdict, f"bnlab.analysis.claims: {c.agrees}")))
         return out
 
 
@@ -182,6 +181,7 @@ class Outcome:
     claims: list
     wall_s: float  # total over every invocation, as recorded
     lines: List[str]
+    status: int = 0  # the failed round's exit status (2: its bnlab-train refused the input)
 
 
 def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Callable[[], Tuple[object, object]],
@@ -214,7 +214,11 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
         if runs is None:
             runs, curves = observe()
         done = sorted(complete(runs, all_seeds))
-        claims = evaluate(runs, curves) if done else []
+        try:
+            claims = evaluate(runs, curves) if done else []
+        except Exception as e:  # noqa: BLE001 - reported, never hidden; the rounds go on
+            say(f"{label}: the claims could not be computed: {type(e).__name__}: {e}")
+            claims = []
         say(round_line(label, claims, len(done), round_s, total()))
         keep(lines[-1])
         return done, claims
@@ -224,7 +228,7 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
         done, claims = sorted(complete(runs, all_seeds)), []
         if done:  # what an earlier sweep or invocation left: perhaps decided already
             done, claims = evaluate_store("in the store before the first round", None, runs, curves)
-        stopped, last_round_s = None, None
+        stopped, last_round_s, rc = None, None, 0
         while stopped is None:
             pending = [(r, [s for s in seeds if s not in done]) for r, seeds in enumerate(plan.rounds())]
             pending = [(r, seeds) for r, seeds in pending if seeds]
@@ -240,8 +244,10 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
                 label = f"round {r + 1} (seeds {_seeds_text(seeds)})"
                 step("round_start", r)
                 t0 = clock()
-                rc = launch(seeds)
-                trained["rounds"] += 1
+                try:
+                    rc = launch(seeds)
+                finally:  # an interrupted round counts: it may have trained some of its grid
+                    trained["rounds"] += 1
                 last_round_s = clock() - t0
                 step("round_trained", r)
                 if rc != 0:
@@ -259,11 +265,12 @@ def run_rounds(plan: Plan, *, launch: Callable[[List[int]], int], observe: Calla
            STOP_SEEDS: f"the seed budget is spent (max_seeds={plan.max_seeds})",
            STOP_TIME: f"the time budget is spent (max_minutes={plan.max_minutes}; the next round would end after it)",
            STOP_FAILED: "a round failed"}[stopped]
-    say(f"stopped: {why}; {trained['rounds']} round(s) trained here, {len(done)} seeds, {total():.0f} s in all")
+    final = total()
+    say(f"stopped: {why}; {trained['rounds']} round(s) trained here, {len(done)} seeds, {final:.0f} s in all")
     for c in claims:
         out(f"  - {c.claim}: {c.decision.text()}")
-    keep(lines[-1])
-    return Outcome(stopped, trained["rounds"], done, claims, total(), lines)
+    record({"wall_s": final, "rounds": trained["rounds"], "last": lines[-1]})
+    return Outcome(stopped, trained["rounds"], done, claims, final, lines, rc)
 
 
 # ------------------------------------------------------------------------------ the real store and sweeps
@@ -366,6 +373,22 @@ class StudyStore:
                 c.set_tag(run_id, TAG_ROUND, round_label)
 
 
+def summary(experiment: str, uri: Optional[str] = None) -> Optional[str]:
+    """For a report section: 'bnlab-decide: 7 rounds, 2412 s in all; last: stopped: ...' from the
+    experiment's bnlab.decide.* tags, or None where bnlab-decide never ran on it (or no store exists)."""
+    from bnlab.tracking import client, resolve_uri, sqlite_path
+
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        return None
+    exp = client(resolve_uri(uri)).get_experiment_by_name(experiment)
+    if exp is None or TAG_WALL not in exp.tags:
+        return None
+    t = exp.tags
+    return (f"bnlab-decide: {t.get(TAG_ROUNDS, '0')} rounds, {float(t[TAG_WALL]):.0f} s in all; "
+            f"last: {t.get(TAG_LAST, '')}")
+
+
 def sweep_command(plan: Plan, seeds: List[int]) -> List[str]:
     """One round: bnlab-train's own console entry in this interpreter (the installed package, wherever
     its scripts are)."""
@@ -373,20 +396,34 @@ def sweep_command(plan: Plan, seeds: List[int]) -> List[str]:
             f"study={plan.study}", "seed=" + ",".join(map(str, seeds)), *plan.overrides]
 
 
+SIGINT_GRACE_S = 15.0  # how long a Ctrl-C'd sweep may take to end its runs before it is signalled itself
+
+
 def launch_sweep(plan: Plan, seeds: List[int]) -> int:
-    """Runs one round's multirun and returns its exit status. On Ctrl-C the sweep (same process group)
-    gets the SIGINT too; it is waited for, so that it ends its runs KILLED and releases its claims."""
+    """Runs one round's multirun and returns its exit status. A terminal's Ctrl-C reaches the sweep
+    too (same process group): it is waited for, so that it ends its runs KILLED and releases its
+    claims; only a sweep still running after SIGINT_GRACE_S (this process alone was signalled) gets
+    a SIGINT of its own."""
     proc = subprocess.Popen(sweep_command(plan, seeds), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # when only this process was signalled
+        try:
+            proc.wait(timeout=SIGINT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         raise
+
+
+def _sequentially(evaluate: Callable, study: str, runs, curves) -> list:
+    """Whatever evaluates the claims, bnlab-decide reads every verdict with the confidence sequence."""
+    with V.using(V.SEQUENTIAL):
+        return list(evaluate(study, runs, curves))
 
 
 def decide(plan: Plan, *, evaluate: Optional[Callable] = None, launch: Optional[Callable] = None,
@@ -410,7 +447,7 @@ def decide(plan: Plan, *, evaluate: Optional[Callable] = None, launch: Optional[
         return launch(plan, seeds)
 
     return run_rounds(plan, launch=launch_round, observe=store.observe, complete=store.complete,
-                      evaluate=lambda runs, curves: evaluate(plan.study, runs, curves), record=record,
+                      evaluate=lambda runs, curves: _sequentially(evaluate, plan.study, runs, curves), record=record,
                       prior_wall_s=store.prior_wall_s(), step=step, out=out)
 
 
@@ -435,7 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("bnlab-decide: interrupted; rerun the same command to resume (finished grid points are kept)",
               file=sys.stderr)
         return 130
-    return 1 if outcome.stopped == STOP_FAILED else 0
+    return (2 if outcome.status == 2 else 1) if outcome.stopped == STOP_FAILED else 0
 
 
 if __name__ == "__main__":

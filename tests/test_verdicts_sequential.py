@@ -105,6 +105,17 @@ def test_seeds_to_decide_is_the_first_n_whose_half_width_is_below_the_effect(met
     assert V.seeds_to_decide(0.5, 0.1, 0.5, method=method) is None
 
 
+def test_an_undecided_row_estimates_the_seeds_bnlab_decide_would_need_whatever_its_interval():
+    x = [0.012, -0.01, 0.03, 0.02, 0.008]  # undecided under both intervals
+    m, sd = float(np.mean(x)), float(np.std(x, ddof=1))
+    fixed = V.above(x)
+    with V.using(V.SEQUENTIAL):
+        seq = V.above(x)
+    assert fixed.verdict == seq.verdict == V.UNDECIDED
+    assert fixed.seeds_needed == seq.seeds_needed == V.seeds_to_decide(m, sd, 0.0, method=V.SEQUENTIAL)
+    assert fixed.seeds_needed > V.seeds_to_decide(m, sd, 0.0, method=V.FIXED)
+
+
 def test_using_switches_the_interval_and_restores_it():
     x = [0.01, 0.03, 0.02, 0.025, 0.015, 0.02]
     fixed = V.above(x)
@@ -188,7 +199,8 @@ def test_with_a_real_effect_sequential_verdicts_come_and_say_after_how_many_roun
         rounds = stopped[holds] // PER_ROUND
         lines.append(f"effect {effect:g} SD: {holds.mean():.3f} of studies decided 'holds' within "
                      f"{MAX_SEEDS} seeds, median {np.median(rounds):g} rounds ({np.median(stopped[holds]):g} seeds), "
-                     f"90th percentile {np.percentile(rounds, 90):g} rounds; refuted {(verdict == V.REFUTED).mean():.4f}")
+                     f"90th percentile {np.percentile(rounds, 90):g} rounds; "
+                     f"refuted {(verdict == V.REFUTED).mean():.4f}")
         assert (verdict == V.REFUTED).mean() == 0.0
         if effect == 1.0:
             assert holds.mean() >= 0.75 and np.median(rounds) <= 7

@@ -49,8 +49,9 @@ METHODS_TEXT = (
     f"For a study run by bnlab-decide (seeds added round by round, the verdicts read after every round): the "
     f"{CS_METHOD}; a fixed-n interval read after every round would declare far more false decisions "
     "(simulated: about 11% false 'holds' instead of 2.5% over 10 rounds of 2 seeds). An undecided row's seed "
-    "estimate is the smallest number of seeds at which the same interval, at the measured mean and SD, would "
-    "exclude the threshold: a plug-in figure, not a guarantee.")
+    "estimate is for bnlab-decide, the way seeds are added to a study: the smallest number of seeds at which "
+    "the confidence sequence, at the measured mean and SD, would exclude the threshold (a plug-in figure, not a "
+    "guarantee).")
 
 _METHOD: contextvars.ContextVar[str] = contextvars.ContextVar("bnlab_verdict_method", default=FIXED)
 
@@ -94,7 +95,9 @@ class Decision:
     hi: float = float("nan")
     n: int = 0
     method: str = ""  # how the interval was made (empty for a rule without one)
-    seeds_needed: Optional[int] = None  # for UNDECIDED: estimated total seeds to decide
+    # For UNDECIDED: estimated total seeds to decide, under the confidence sequence whatever the
+    # interval (more seeds are added round by round, by bnlab-decide, which reads it sequentially).
+    seeds_needed: Optional[int] = None
 
     @property
     def sequential(self) -> bool:
@@ -182,7 +185,8 @@ def _quantile(n: int, alpha: float, method: str) -> float:
     return t_quantile(1 - alpha / 2, n - 1) if method == FIXED else cs_t_boundary(n, alpha)
 
 
-def bounds(x: np.ndarray, alpha: float = 0.05, method: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bounds(x: np.ndarray, alpha: float = 0.05,
+           method: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, lo, hi) of each row of x (rows: studies, columns: their n seeds, all finite), under
     `method` (default: the current one). The same code gives every Decision's interval, so the
     simulation tests exercise what the report prints."""
@@ -278,7 +282,7 @@ def above(values: Iterable[float], threshold: float = 0.0, rule: str = "", alpha
     if n < 2:
         return Decision(UNDECIDED, rule, m, lo, hi, n, text, None)
     verdict = str(read_above(lo, hi, threshold))
-    need = seeds_to_decide(m, sd, threshold, alpha, method) if verdict == UNDECIDED else None
+    need = seeds_to_decide(m, sd, threshold, alpha, SEQUENTIAL) if verdict == UNDECIDED else None
     return Decision(verdict, rule, m, lo, hi, n, text, need)
 
 
@@ -291,7 +295,7 @@ def below(values: Iterable[float], threshold: float = 0.0, rule: str = "", alpha
     if n < 2:
         return Decision(UNDECIDED, rule, m, lo, hi, n, text, None)
     verdict = str(read_below(lo, hi, threshold))
-    need = seeds_to_decide(m, sd, threshold, alpha, method) if verdict == UNDECIDED else None
+    need = seeds_to_decide(m, sd, threshold, alpha, SEQUENTIAL) if verdict == UNDECIDED else None
     return Decision(verdict, rule, m, lo, hi, n, text, need)
 
 
@@ -309,7 +313,7 @@ def within(values: Iterable[float], reference: float, tol: float, rule: str = ""
     need = None
     if verdict == UNDECIDED:
         edge = a if abs(m - a) < abs(m - b) else b
-        need = seeds_to_decide(m, sd, edge, alpha, method)
+        need = seeds_to_decide(m, sd, edge, alpha, SEQUENTIAL)
     return Decision(verdict, rule, m, lo, hi, n, text, need)
 
 
