@@ -486,18 +486,17 @@ def applies(key: str, flat: Dict[str, Any]) -> bool:
 
 
 def is_param(key: str, flat: Dict[str, Any]) -> bool:
-    """A field logged as an MLflow param (and named in run names): result, seed and extra fields
-    that apply."""
+    """An MLflow param (and a key of run names): result, seed and extra fields that apply."""
     return field_role(key).role in (Role.result, Role.seed, Role.extra) and applies(key, flat)
 
 
 def groups_by(key: str) -> bool:
-    """A field that splits the report's config groups: result fields only."""
+    """Splits the report's config groups: result fields only."""
     return field_role(key).role == Role.result
 
 
 def dedup_key(key: str) -> bool:
-    """Fields that identify one (config group, seed) in the report: result fields and the seed."""
+    """Identifies one (config group, seed) in the report: result fields and the seed."""
     return field_role(key).role in (Role.result, Role.seed)
 
 
@@ -539,30 +538,6 @@ def config_hash(cfg: Config) -> str:
             plain[group].pop(key, None)
     blob = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def from_plain(d: dict) -> Config:
-    """The inverse of to_plain: a Config from plain values (e.g. a saved run's config), checked."""
-    import typing
-
-    def build(cls, values: dict):
-        if not isinstance(values, dict):
-            raise ConfigError(f"{cls.__name__} needs a mapping, got {values!r}")
-        hints = typing.get_type_hints(cls)
-        unknown = set(values) - set(hints)
-        if unknown:
-            raise ConfigError(f"{sorted(unknown)[0]}: no such field in {cls.__name__}")
-        kwargs = {}
-        for k, v in values.items():
-            t = hints[k]
-            if isinstance(t, type) and issubclass(t, Enum):
-                v = t(v)
-            elif hasattr(t, "__dataclass_fields__"):
-                v = build(t, v)
-            kwargs[k] = v
-        return cls(**kwargs)
-
-    return build(Config, d)
 
 
 def register_configs() -> None:

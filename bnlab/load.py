@@ -7,13 +7,14 @@ import json
 import sys
 import tempfile
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from bnlab.config import Config, ConfigError, from_plain, to_plain
+from bnlab.config import Config, ConfigError, to_plain
 from bnlab.tracking import MODEL_ARTIFACT, client, resolve_uri
 
 
@@ -172,3 +173,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"run {a.run_id}: model={cfg.model.name.value} data={cfg.data.name.value} "
           f"bn.momentum={cfg.bn.momentum} bn.update_stats={cfg.bn.update_stats}")
     print(d)
+
+
+def from_plain(d: dict) -> Config:
+    """The inverse of to_plain: a Config from plain values (e.g. a saved run's config), checked."""
+    import typing
+
+    def build(cls, values: dict):
+        if not isinstance(values, dict):
+            raise ConfigError(f"{cls.__name__} needs a mapping, got {values!r}")
+        hints = typing.get_type_hints(cls)
+        unknown = set(values) - set(hints)
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: no such field in {cls.__name__}")
+        kwargs = {}
+        for k, v in values.items():
+            t = hints[k]
+            if isinstance(t, type) and issubclass(t, Enum):
+                v = t(v)
+            elif hasattr(t, "__dataclass_fields__"):
+                v = build(t, v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    return build(Config, d)

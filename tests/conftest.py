@@ -211,3 +211,23 @@ class UI:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+# ------------------------------------------------------------------ study stores (tests/study_stores.py)
+
+@pytest.fixture(scope="session")
+def study_store(tmp_path_factory):
+    """One SQLite store per session holding every study of the config directory, each from its own
+    YAML at smoke size (tests/study_stores.py): (uri, home, {study: runs})."""
+    from study_stores import build_store, study_names
+
+    home = tmp_path_factory.mktemp("study_store")
+    old = os.environ.get("BNLAB_HOME")
+    try:
+        counts = build_store(home, study_names(), log=lambda *a: None)
+    finally:  # the store is read by its URI: the environment is as it was for every other test
+        if old is None:
+            os.environ.pop("BNLAB_HOME", None)
+        else:
+            os.environ["BNLAB_HOME"] = old
+    return f"sqlite:///{home / 'runs' / 'mlflow.db'}", home, counts

@@ -120,3 +120,54 @@ def group_label(row, cols: Sequence[str]) -> str:
         v = row[c]
         parts.append(f"momentum {momentum_label(v)}" if c == "bn.momentum" else f"{c}={fmt_value(v)}")
     return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------ one run per (group, seed)
+
+COLLAPSE_RULE = ("one run per (config group, seed): the first FINISHED one, else the latest attempt; "
+                 "execution and bookkeeping fields (bnlab.config.ROLES) do not tell runs apart")
+
+
+def identity_columns(runs: pd.DataFrame) -> List[str]:
+    """The param columns that identify one (config group, seed): result fields and the seed (by the
+    schema's table of roles; a param the schema does not know counts as a result field)."""
+    from bnlab.config import dedup_key
+
+    skip = RUN_COLUMNS
+    return [c for c in runs.columns if c not in skip and not c.startswith((FINAL, "tags.")) and dedup_key(c)]
+
+
+def _identity(runs: pd.DataFrame) -> pd.Series:
+    cols = identity_columns(runs)
+    if not cols:
+        return runs["config_hash"]
+    def norm(v):
+        if isinstance(v, list):
+            return tuple(v)
+        return None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else v
+    return pd.Series([repr(tuple(norm(v) for v in row)) for row in runs[cols].itertuples(index=False)],
+                     index=runs.index)
+
+
+def once_per_config(runs: pd.DataFrame) -> pd.DataFrame:
+    """One run per (config group, seed) (COLLAPSE_RULE): the first FINISHED one, else the latest
+    attempt. A store may hold one config trained twice (two sweeps at once before grid points were
+    claimed; a relaunch that changed only execution fields before those were hashed at their
+    default), which would count as extra seeds; a failed attempt that a resume retried is
+    superseded too. Column `collapsed`: how many other runs each kept run stands for; their total
+    is frame.attrs["duplicates"]. Runs with neither params nor a config hash are all kept."""
+    key = _identity(runs)
+    keyed = runs[key.notna()].assign(_key=key[key.notna()])
+    by_start = keyed.sort_values("start_time", kind="stable")
+    done = by_start["status"].eq("FINISHED")
+    fin = by_start[done].drop_duplicates("_key")  # the first FINISHED
+    rest = by_start[~done & ~by_start["_key"].isin(fin["_key"])]
+    rest = rest.drop_duplicates("_key", keep="last")  # no FINISHED one: the latest attempt
+    kept = pd.concat([fin, rest])
+    sizes = keyed.groupby("_key").size()
+    collapsed = dict(zip(kept["run_id"], kept["_key"].map(sizes).astype(int) - 1))
+    keep = set(kept["run_id"]) | set(runs.loc[key.isna(), "run_id"])
+    out = runs[runs["run_id"].isin(keep)].reset_index(drop=True)
+    out["collapsed"] = out["run_id"].map(collapsed).fillna(0).astype(int)
+    out.attrs["duplicates"] = int(len(runs) - len(out))
+    return out

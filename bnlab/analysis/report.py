@@ -26,7 +26,8 @@ from bnlab.analysis import plot as P
 from bnlab.analysis import stats as S
 from bnlab.analysis import study as ST
 from bnlab.analysis import verdicts as V
-from bnlab.analysis.runs import COLLAPSE_RULE, StoreNotFound, list_experiments, load_curves, load_runs
+from bnlab.analysis.frames import COLLAPSE_RULE
+from bnlab.analysis.runs import StoreNotFound, list_experiments, load_curves, load_runs
 from bnlab.config import DIVERGED_LOSS
 from bnlab import studies as study_files
 from bnlab.tracking import project_home, resolve_uri
