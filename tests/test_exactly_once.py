@@ -154,7 +154,7 @@ def test_the_report_counts_each_config_hash_once(home, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     section = (tmp_path / "rep" / "smoke" / "section.md").read_text()
     assert "4 runs, 4 used in the means" in section
-    assert "Each config hash counted once: 4 more runs" in section
+    assert "Each (config group, seed) counted once (the first FINISHED run): 4 more runs" in section
     assert "n=4" not in section
 
 
