@@ -129,7 +129,9 @@ def parent_name(study: str, launched: Optional[float] = None) -> str:
 # ------------------------------------------------------------------------------- descriptions
 
 def study_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "conf" / "study"
+    from bnlab.cli import conf_dir  # the one place that knows where bnlab's configs are
+
+    return conf_dir() / "study"
 
 
 def study_header(study: str) -> Dict[str, str]:
