@@ -71,7 +71,8 @@ def test_each_study_analysis_runs_on_its_own_smoke_store(study_store, study, tmp
         assert "| claim (source) | bnlab measured | verdict | interval |" in md
         assert any(f"| {w} (rule: " in md for w in V.VERDICTS)
     summary = pd.read_csv(tmp_path / study / "summary.csv")
-    assert (summary["n_collapsed"] == 0).all() and (summary["n_seeds"] == 2).all()
+    # two seeds per group (diverged runs are run but not averaged), none collapsed
+    assert (summary["n_collapsed"] == 0).all() and (summary["n_runs"] == 2).all() and (summary["n_seeds"] <= 2).all()
 
 
 def test_report_orders_sections_by_the_studies_order(study_store, tmp_path):
