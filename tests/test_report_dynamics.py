@@ -71,7 +71,8 @@ def test_each_study_analysis_runs_on_its_own_smoke_store(study_store, study, tmp
         assert "| claim (source) | bnlab measured | verdict | interval |" in md
         assert any(f"| {w} (rule: " in md for w in V.VERDICTS)
     summary = pd.read_csv(tmp_path / study / "summary.csv")
-    assert (summary["n_collapsed"] == 0).all() and (summary["n_seeds"] == 2).all()
+    # two seeds per group (diverged runs are run but not averaged), none collapsed
+    assert (summary["n_collapsed"] == 0).all() and (summary["n_runs"] == 2).all() and (summary["n_seeds"] <= 2).all()
 
 
 def test_report_orders_sections_by_the_studies_order(study_store, tmp_path):
@@ -194,7 +195,7 @@ PAIRED = dict(rule="paired_above", a={"bn.placement": "before_act"}, b={"bn.plac
 @pytest.mark.parametrize("spec, a, b, verdict", [
     (PAIRED, [0.85, 0.86, 0.87], [0.60, 0.62, 0.61], "holds"),
     (PAIRED, [0.60, 0.62, 0.61], [0.85, 0.86, 0.87], "refuted"),
-    (PAIRED, [0.85, 0.70, 0.90], [0.80, 0.85, 0.80], "undecided"),
+    (PAIRED, [0.85, 0.70, 0.90], [0.80, 0.80, 0.80], "undecided"),
     ({**PAIRED, "threshold": 0.3}, [0.85, 0.86, 0.87], [0.60, 0.62, 0.61], "refuted"),  # gain 0.25 < 0.3
     (dict(rule="within", where={"bn.placement": "before_act"}, reference=0.86, tolerance=0.05),
      [0.85, 0.86, 0.87], None, "holds"),
