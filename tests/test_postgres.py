@@ -46,9 +46,8 @@ def _writer(url: str, i: int, sweep_dir: str, start: "mp.synchronize.Event", out
     then a run's whole life through the real tracker."""
     import os
 
-    # 32 writers and the server share this machine's cores (measured here: about 6 requests/s with
-    # 8 writers on a busy 2-core machine, so requests queue for minutes): a request may wait longer than
-    # bnlab's 10 s default (bnlab.tracking.HTTP_ENV); the environment's value wins there.
+    # 32 writers and the server share this machine's cores: a request may queue behind the others'
+    # for longer than bnlab's 10 s default (bnlab.tracking.HTTP_ENV); the environment's value wins.
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "600"
     from bnlab import sweep
     from bnlab.config import Config
