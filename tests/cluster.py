@@ -98,8 +98,11 @@ def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterat
     import urllib.request
 
     port = free_port()
+    # The server's log goes to a file: a pipe nobody reads fills up (64 KB of access log lines under
+    # load) and then blocks every server worker on its next log write.
+    logf = tempfile.NamedTemporaryFile("w+", prefix="bnlab-ui-", suffix=".log", delete=False)
     proc = subprocess.Popen([str(BIN / "bnlab-ui"), "--backend-store-uri", store, "--port", str(port),
-                             "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--workers", str(workers)], stdout=logf, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -110,7 +113,8 @@ def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterat
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("bnlab-ui did not start: " + (proc.stdout.read() if proc.poll() is not None else "timeout"))
+                    logf.seek(0)
+                    raise RuntimeError("bnlab-ui did not start: " + logf.read()[-3000:])
                 time.sleep(0.5)
         yield url
     finally:
@@ -120,6 +124,8 @@ def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterat
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        logf.close()
+        os.unlink(logf.name)
 
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
