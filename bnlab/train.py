@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import traceback
@@ -408,12 +407,11 @@ def step_metrics(s: Setup, cfg: Config, val: Tuple[torch.Tensor, torch.Tensor]) 
 
 # ----------------------------------------------------------------------------- one run
 
-def after_epoch(epoch: int) -> None:
-    """Named fault point, after an epoch's metrics and checkpoint are written: with
-    BNLAB_FAULT=kill_after_epoch:N the process SIGKILLs itself after epoch N (tests of resume)."""
-    spec = os.environ.get("BNLAB_FAULT", "")
-    if spec.startswith("kill_after_epoch:") and epoch == int(spec.split(":", 1)[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
+def after_epoch(epoch: int, job=None, flush=None) -> None:
+    """After an epoch's metrics and checkpoint are written: bnlab.faults' named point
+    `epoch_logged` (BNLAB_FAULT=kill_after_epoch:N[@J], sigint_after_epoch:N[@J]); tests of resume
+    also replace this function to interrupt a run in-process."""
+    faults.point("epoch_logged", epoch=epoch, job=job, flush=flush)
 
 
 def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
@@ -486,9 +484,8 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
             m.update(epoch_metrics(s.model, s.ds, cfg, s.gen, final=epoch == cfg.train.epochs))
             m["gap/acc"] = m["train/acc"] - m["val/acc"]
             tracker.checkpoint(epoch, m, ckpt.to_bytes(ckpt.capture(s, epoch, m)))
-            faults.point("epoch_logged", epoch=epoch, job=tags.get(TAG + "job"), flush=tracker.flush)
             final = m
-            after_epoch(epoch)
+            after_epoch(epoch, job=tags.get(TAG + "job"), flush=tracker.flush)
             log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/acc %.4f  %s  (%.0f ex/s)",
                      epoch, cfg.train.epochs, m["train/loss"], m["train/acc"], m["val/acc"],
                      f"val/acc_batch_stats {m['val/acc_batch_stats']:.4f}" if "val/acc_batch_stats" in m else "",

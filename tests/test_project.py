@@ -146,10 +146,10 @@ def test_a_study_of_your_own_is_accepted_however_its_folder_is_given(project, tm
     note = describe.experiment_description("mystudy", 4)
     assert "does my own grid run?" in note and "`bnlab-train study=mystudy`" in note
     assert "experiments/mystudy.md" not in note  # no study card for a user's study
-    from bnlab.analysis import report
+    from bnlab.analysis import report, study
 
-    assert "mystudy" in report.known_studies()
-    assert report.study_question("mystudy").startswith("does my own grid run?")
+    assert "mystudy" in study.known_studies()
+    assert study.study_question("mystudy").startswith("does my own grid run?")
     assert report.reproduce_text("mystudy").startswith("`bnlab-train study=mystudy`")
 
 

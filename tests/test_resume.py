@@ -34,7 +34,7 @@ class Stop(KeyboardInterrupt):
 
 
 def kill_after(monkeypatch, n: int) -> None:
-    def point(epoch: int) -> None:
+    def point(epoch: int, *args, **kwargs) -> None:
         if epoch == n:
             raise Stop
     monkeypatch.setattr(train_mod, "after_epoch", point)
