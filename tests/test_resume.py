@@ -75,7 +75,7 @@ def test_killed_run_resumes_bit_identical(home, tmp_path, monkeypatch, eval_ever
     # one checkpoint kept, the previous epoch's removed
     assert artifacts(c, first.run_id, ck.CHECKPOINT_DIR) == [f"{ck.CHECKPOINT_DIR}/{ck.name(kill_at)}"]
 
-    monkeypatch.setattr(train_mod, "after_epoch", lambda epoch: None)
+    monkeypatch.setattr(train_mod, "after_epoch", lambda epoch, **kwargs: None)
     again = MlflowTracker(uri, "resume", "cut")
     again.take_over(first.run_id, {})
     final = train_mod.train(cfg, again)
