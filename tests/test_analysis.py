@@ -565,6 +565,7 @@ EXPECTED_FILES = {"update_ops": ["update_ops", "running_stats"], "momentum": ["m
                   "d2l": ["curves"], "smoke": ["curves"]}
 
 
+@pytest.mark.subprocess
 def test_report_writes_every_study(store, tmp_path, capsys):
     out = tmp_path / "results"
     assert report.main([f"tracking.uri={store.uri}", f"out={out}"]) == 0
@@ -620,6 +621,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.subprocess
 def test_http_server_gives_the_same_frames_and_report(store, tmp_path):
     port = _free_port()
     db = store.uri[len("sqlite:///"):]

@@ -197,6 +197,7 @@ def _trained(home, status: str = "FINISHED") -> list:
             if r.data.tags.get("bnlab.role") == "job" and r.info.status == status]
 
 
+@pytest.mark.subprocess
 def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home):
     plan = D.parse_args(["study=smoke", "max_seeds=12", "seeds_per_round=3", *SMOKE])
     launched = []
@@ -244,6 +245,7 @@ def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home
     assert D.summary("gamma_beta", store_uri(home)) is None
 
 
+@pytest.mark.subprocess
 def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home):
     plan = D.parse_args(["study=smoke", "max_seeds=2", "seeds_per_round=2", *SMOKE])
     out = D.decide(plan, evaluate=_never_decided, out=lambda line: None)
@@ -257,6 +259,7 @@ def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home):
     assert out.stopped == D.STOP_TIME and launched == [] and out.wall_s > 3.0
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home):
     """A terminal's Ctrl-C (SIGINT to the whole process group) once round 1 has been reported, wherever
     in round 2 it lands: exit 130, then the same command finishes with every grid point trained once."""

@@ -4,6 +4,8 @@ server, a live claim of another host, a stale claim taken over; and the report c
 hash once in stores that hold duplicates."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -57,6 +59,7 @@ def _assert_once(home, outs, n_points, uri=None, experiment="smoke"):
     return runs
 
 
+@pytest.mark.subprocess
 def test_two_sweeps_at_once_on_a_fresh_store(home):
     codes, outs = _two_at_once(home, ["study=smoke", *FAST])
     assert codes == [0, 0], outs
@@ -69,6 +72,7 @@ def test_two_sweeps_at_once_on_a_fresh_store(home):
     assert sorted(int(p.data.tags["bnlab.jobs_finished"]) for p in parents) in ([0, 4], [1, 3], [2, 2])
 
 
+@pytest.mark.subprocess
 def test_two_sweeps_at_once_on_an_existing_store(home):
     r = cli("bnlab-train", "-m", "data=synthetic", "train.epochs=1", "tracking.experiment=smoke", *FAST, home=home)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -81,6 +85,7 @@ def test_two_sweeps_at_once_on_an_existing_store(home):
     assert len(fin) == 7 and set(fin.values()) == {1}, fin
 
 
+@pytest.mark.subprocess
 def test_two_sweeps_at_once_through_one_server(home, tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -117,6 +122,7 @@ def _hash_of(*overrides: str) -> str:
     return config_hash(bcli.validate_job(job))
 
 
+@pytest.mark.subprocess
 def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     args = ["study=smoke", "seed=0", "bn.update_stats=true", *FAST]
     h = _hash_of(*args)
@@ -140,6 +146,7 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     assert float(fin[0].data.tags["bnlab.heartbeat"]) > stale + 86400  # its own, fresh heartbeat
 
 
+@pytest.mark.subprocess
 def test_the_report_counts_each_config_hash_once(home, tmp_path):
     # tracking.resume=false trains every grid point again: the store now holds duplicates, as
     # stores written by two concurrent sweeps before claims existed do
@@ -158,6 +165,7 @@ def test_the_report_counts_each_config_hash_once(home, tmp_path):
     assert "n=4" not in section
 
 
+@pytest.mark.subprocess
 def test_two_sweeps_sharing_one_sweep_dir(home, tmp_path):
     # an explicit hydra.sweep.dir shared by both: each keeps its own parent run and its own counts
     codes, outs = _two_at_once(home, ["study=smoke", f"hydra.sweep.dir={tmp_path / 'shared'}", *FAST])
@@ -222,6 +230,7 @@ def _slots_hidden(uri):
                   if e.name.startswith("bnlab.claim/"))
 
 
+@pytest.mark.subprocess
 def test_http_claim_race_forced_both_ways(home, tmp_path):
     uri, server = _server(tmp_path)
     try:
@@ -236,6 +245,7 @@ def test_http_claim_race_forced_both_ways(home, tmp_path):
         _stop(server)
 
 
+@pytest.mark.subprocess
 def test_http_dead_claims_are_taken_over_exactly_once_both_ways(home, tmp_path):
     uri, server = _server(tmp_path)
     try:

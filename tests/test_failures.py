@@ -3,6 +3,8 @@ others, prints its counts, ends its parent FAILED and exits 1; resume retries it
 exploding loss is a divergence. The report never replaces a committed section with a poorer one."""
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 from conftest import cli, runs_of, store_uri
@@ -54,6 +56,7 @@ def _parents(runs):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
+@pytest.mark.subprocess
 def test_a_failing_grid_point_is_counted_recorded_and_retried(home):
     args = ["-m", "model=custom", "model.target=faultynet:good,faultynet:bad", *SMALL, "train.epochs=1",
             "tracking.experiment=fail", *FAST]
@@ -79,6 +82,7 @@ def test_a_failing_grid_point_is_counted_recorded_and_retried(home):
     assert sorted(k.info.status for k in _kids(runs)) == ["FAILED", "FAILED", "FINISHED"]
 
 
+@pytest.mark.subprocess
 def test_a_model_that_cannot_be_built_is_refused_up_front(home):
     r = cli("bnlab-train", "data=synthetic", "model=mlp", f"model.hidden={HUGE}", "tracking.experiment=one", *FAST,
             home=home)
@@ -88,6 +92,7 @@ def test_a_model_that_cannot_be_built_is_refused_up_front(home):
     assert not (home / "runs" / "mlflow.db").exists()
 
 
+@pytest.mark.subprocess
 def test_a_single_run_failing_in_training_leaves_a_failed_run(home):
     r = cli("bnlab-train", "model=custom", "model.target=faultynet:bad", *SMALL, "tracking.experiment=one", *FAST,
             home=home, env=_faulty(home))
@@ -98,6 +103,7 @@ def test_a_single_run_failing_in_training_leaves_a_failed_run(home):
     assert run.data.params["model.target"] == "faultynet:bad"  # the config is recorded with the failure
 
 
+@pytest.mark.subprocess
 def test_a_finite_exploding_loss_is_a_divergence(home):
     # the sigmoid LeNet at lr 1e6: the loss stays finite (millions) but the run learns nothing
     r = cli("bnlab-train", "-m", "data=synthetic", "optim.lr=1e6,0.5", "train.epochs=2",
@@ -120,6 +126,7 @@ def test_a_finite_exploding_loss_is_a_divergence(home):
     assert n_div == 1 and list(ok["optim.lr"]) == [0.5]
 
 
+@pytest.mark.subprocess
 def test_the_report_keeps_a_richer_section_unless_forced(home, tmp_path):
     out = tmp_path / "results"
     r = cli("bnlab-train", "study=smoke", *FAST, home=home)
@@ -151,6 +158,7 @@ def test_the_report_keeps_a_richer_section_unless_forced(home, tmp_path):
     assert "4 runs, 0 used in the means" in (out / "smoke" / "section.md").read_text()
 
 
+@pytest.mark.subprocess
 def test_report_of_an_unknown_study_exits_non_zero_with_the_list(home):
     r = cli("bnlab-report", "study=doesnotexist", home=home)
     assert r.returncode == 2
@@ -158,6 +166,7 @@ def test_report_of_an_unknown_study_exits_non_zero_with_the_list(home):
     assert not (home / "results").exists()
 
 
+@pytest.mark.subprocess
 def test_help_of_the_report_mentions_force(home):
     r = cli("bnlab-report", "--help", home=home)
     assert r.returncode == 0 and "--force" in r.stdout

@@ -101,6 +101,7 @@ def test_step_level_metrics_follow_the_study_yaml(study_store):
     assert set(d.gaps["momentum"].round(6)) == {round(m, 6) for m in [cfg.bn.momentum, *cfg.bn.shadow_momenta]}
 
 
+@pytest.mark.subprocess
 def test_a_relaunch_that_only_changes_execution_fields_trains_nothing(study_store, tmp_path):
     _, home, _ = study_store
     copy = tmp_path / "home"

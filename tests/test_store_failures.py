@@ -75,6 +75,7 @@ def _relaunch_trains_the_rest(home: Path, uri: str | None) -> None:
     assert not [k for k in _jobs(home, uri) if k.info.status == "RUNNING"]
 
 
+@pytest.mark.subprocess
 def test_store_turns_read_only_after_the_first_job(home, tmp_path):
     mnt = tmp_path / "ro"
     _mount_tmpfs(mnt, "64m")
@@ -94,6 +95,7 @@ def test_store_turns_read_only_after_the_first_job(home, tmp_path):
         _umount(mnt)
 
 
+@pytest.mark.subprocess
 def test_disk_full_after_the_first_job(home, tmp_path):
     mnt = tmp_path / "full"
     _mount_tmpfs(mnt, "16m")
@@ -112,6 +114,7 @@ def test_disk_full_after_the_first_job(home, tmp_path):
         _umount(mnt)
 
 
+@pytest.mark.subprocess
 def test_a_claim_that_cannot_be_created_stops_the_sweep(home):
     r = _train(home, SWEEP, "fail_claim_create@1")
     line = _check_stopped(r.returncode, r.stdout + r.stderr)
@@ -129,6 +132,7 @@ def _wait_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None
         time.sleep(0.05)
 
 
+@pytest.mark.subprocess
 def test_server_dies_after_the_first_job(home, tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -3,6 +3,8 @@ parallel jobs without store races, an HTTP tracking server, resume after SIGKILL
 Ctrl-C and the submitit local executor. SIGKILL and Ctrl-C come at a named step (bnlab.faults)."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import signal
@@ -21,6 +23,7 @@ def parents(runs):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
+@pytest.mark.subprocess
 def test_smoke_sequential_groups_runs_and_resume_skips_finished(home):
     r = cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -46,6 +49,7 @@ def _finished_per_hash(runs):
     return Counter(r.data.tags["bnlab.config_hash"] for r in children(runs) if r.info.status == "FINISHED")
 
 
+@pytest.mark.subprocess
 def test_joblib_eight_jobs_four_at_a_time_on_a_fresh_store(home):
     r = cli("bnlab-train", "study=smoke", "seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
             home=home, timeout=900)
@@ -59,6 +63,7 @@ def test_joblib_eight_jobs_four_at_a_time_on_a_fresh_store(home):
     assert {k.data.tags["bnlab.threads"] for k in kids} == {str(max(1, (os.cpu_count() or 1) // 4))}
 
 
+@pytest.mark.subprocess
 def test_joblib_through_a_real_mlflow_server(home, tmp_path):
     port = free_port()
     server = mlflow_server(tmp_path, port)
@@ -81,6 +86,7 @@ def test_joblib_through_a_real_mlflow_server(home, tmp_path):
 TWO_EPOCHS = ["study=smoke", "train.epochs=2", *FAST]
 
 
+@pytest.mark.subprocess
 def test_sigkill_then_relaunch_gives_one_finished_run_per_grid_point(home):
     # Job 0 finishes; job 1 is SIGKILLed once its first epoch is in the store (bnlab.faults).
     r = cli("bnlab-train", *TWO_EPOCHS, home=home, env={"BNLAB_FAULT": "kill_after_epoch:1@1"})
@@ -107,6 +113,7 @@ def test_sigkill_then_relaunch_gives_one_finished_run_per_grid_point(home):
     assert all(p.info.status == "FINISHED" for p in parents(runs)) and len(parents(runs)) == 1
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
     # Ctrl-C (SIGINT to the process) while job 1 trains: after its first epoch of two.
     r = cli("bnlab-train", *TWO_EPOCHS, home=home, env={"BNLAB_FAULT": "sigint_after_epoch:1@1"})
@@ -122,6 +129,7 @@ def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
     assert parent.info.status == "KILLED"
 
 
+@pytest.mark.subprocess
 def test_a_diverged_run_does_not_stop_the_sweep(home):
     r = cli("bnlab-train", "-m", "data=synthetic", "model=mlp", "bn.placement=none", "optim.lr=1e30,0.1,1e36",
             "train.epochs=2", "tracking.experiment=div", *FAST, home=home, timeout=600)
@@ -135,6 +143,7 @@ def test_a_diverged_run_does_not_stop_the_sweep(home):
     assert by_lr["0.1"].data.tags["bnlab.diverged"] == "false" and "val/acc" in by_lr["0.1"].data.metrics
 
 
+@pytest.mark.subprocess
 def test_submitit_local_executor(home):
     r = cli("bnlab-train", "study=smoke", "seed=3", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
             *FAST, home=home, timeout=900)
