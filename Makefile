@@ -31,7 +31,7 @@ test: setup
 
 # In-process tests only: no real data, no torch.compile, no console-script or server processes.
 test-fast: setup
-	$(BIN)/python -m pytest -q --durations=15 -m "not slow and not subprocess"
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow and not subprocess and not cluster"
 
 report: setup
 	$(BIN)/bnlab-report
