@@ -159,7 +159,11 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
     log(f"[{study}] wrote {folder / 'summary.csv'} ({len(summary)} config groups)")
     analysis = ST.get_study(study)
     data = analysis.prepare(runs, curves)  # what the study derives from its runs: once
-    lines = [f"## {study}", ""] + ST.claim_table(analysis, data)
+    # Seeds added round by round (bnlab-decide tags its runs) are read with the anytime-valid
+    # confidence sequence; seeds fixed before the study ran, with the fixed-n t-interval.
+    method = V.method_for(runs)
+    with V.using(method):
+        lines = [f"## {study}", ""] + ST.claim_table(analysis, data)
     q = ST.study_question(study)
     if q:
         lines += [f"**Question.** {q}", ""]
@@ -168,6 +172,8 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
               f"- Code: {commits_text(runs)}",
               f"- Store: `{store_text(uri)}`, report generated {time.strftime('%Y-%m-%d %H:%M %Z')}",
               f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)",
+              f"- Verdicts: {'anytime-valid confidence sequence (seeds added in rounds)' if method == V.SEQUENTIAL else 'fixed-n t-interval (seeds fixed in advance)'}"
+              + (f"; {decided}" if (decided := _decide_summary(study, uri)) else ""),
               "- Intervals: accuracies on the logit scale, other quantities mean ± t half-width (see the header)", ""]
     if analysis.module == "default":
         lines[-1:-1] = ["- Analysis: the default section (final metrics against each key the study varies); a "
@@ -199,6 +205,16 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
     return section
 
 
+def _decide_summary(study: str, uri: str) -> Optional[str]:
+    """What bnlab-decide recorded on the study's experiment (rounds, wall time, last line), if it ran."""
+    from bnlab.decide import summary
+
+    try:
+        return summary(study, uri)
+    except Exception:  # noqa: BLE001 - the record is extra information, never a reason to fail
+        return None
+
+
 def _attach(study: str, uri: str, folder: Path, log) -> None:
     """The figures and summary.csv also go to the study's latest sweep run (MLflow UI, Artifacts)."""
     from bnlab.tracking import attach_to_latest_sweep
@@ -227,7 +243,7 @@ def assemble(out: Path, studies_first: Sequence[str]) -> Path:
             "in the figures and not averaged. Each section gives the command that reproduces it and the "
             f"git commit of its runs. Each (config group, seed) counts once: {COLLAPSE_RULE}; each section says "
             "how many runs were collapsed (summary.csv: n_collapsed).", "",
-            "Verdicts: " + "; ".join(f"*{w}*: {V.MEANINGS[w]}" for w in V.VERDICTS) + ".", ""]
+            "Verdicts: " + "; ".join(f"*{w}*: {V.MEANINGS[w]}" for w in V.VERDICTS) + ". " + V.METHODS_TEXT, ""]
     body = [sections[s].read_text() for s in order]
     report = out / "REPORT.md"
     report.write_text("\n".join(head + body))
