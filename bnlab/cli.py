@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from bnlab import studies
-from bnlab.config import Config, ConfigError, DataName
-from bnlab.tracking import TAG, project_home
+from bnlab.config import Config, ConfigError
+from bnlab.tracking import project_home
 
 log = logging.getLogger("bnlab")
 

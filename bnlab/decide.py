@@ -12,7 +12,6 @@ points already FINISHED are never retrained, finished rounds are not relaunched.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import signal
@@ -96,47 +95,13 @@ def parse_args(argv: Sequence[str]) -> Plan:
 
 # ------------------------------------------------------------------------------ claims
 
-def _has_study_module() -> bool:
-    try:
-        return importlib.util.find_spec("bnlab.analysis.study") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-@dataclass
-class LegacyClaim:
-    """A claim of bnlab.analysis.claims before claim rules returned Decisions: 'yes' reads as holds;
-    'no' cannot tell refuted from undecided and reads as undecided."""
-    claim: str
-    measured: str
-    decision: V.Decision
-
-
 def study_claims(study: str, runs, curves) -> list:
-    """The study's claims, every verdict read with the confidence sequence: through
-    bnlab.analysis.study.evaluate_claims where it exists, else today's bnlab.analysis.claims."""
+    """The study's claims (bnlab.analysis.study.evaluate_claims), every verdict read with the
+    confidence sequence."""
+    from bnlab.analysis.study import evaluate_claims
+
     with V.using(V.SEQUENTIAL):
-        if _has_study_module():
-            from bnlab.analysis.study import evaluate_claims
-
-            return list(evaluate_claims(study, runs, curves))
-        from bnlab.analysis.claims import CLAIMS
-
-        fn = CLAIMS.get(study)
-        rows = fn(runs, curves) if fn is not None and not runs.empty else []
-        out = []
-        for c in rows:
-            word = str(c.agrees).split(" ", 1)[0]
-            verdict = V.HOLDS if word == "yes" else V.UNDECIDED
-            out.append(LegacyClaim(c.claim, c.measured, V.Decision(verdict, f"bnlab.analysis.claims: {c.agrees}")))
-        return out
-
-
-def legacy_warning() -> Optional[str]:
-    if _has_study_module():
-        return None
-    return ("bnlab.analysis.study.evaluate_claims is not available: verdicts come from bnlab.analysis.claims's "
-            "fixed-n rules ('no' read as undecided) and are not anytime-valid")
+        return list(evaluate_claims(study, runs, curves))
 
 
 def tally(claims: list) -> Counter:
@@ -433,8 +398,6 @@ def decide(plan: Plan, *, evaluate: Optional[Callable] = None, launch: Optional[
     store = StudyStore(plan)
     evaluate = evaluate or study_claims
     launch = launch or launch_sweep
-    if evaluate is study_claims and legacy_warning():
-        out(f"[decide {plan.study}] warning: {legacy_warning()}")
     state = {"rounds": 0, "label": "before"}
 
     def record(info: dict) -> None:

@@ -164,7 +164,6 @@ def test_the_claims_adapter_reads_every_verdict_sequentially(monkeypatch):
     monkeypatch.setitem(sys.modules, "bnlab.analysis.study", mod)
     claims = D.study_claims("gamma_beta", pd.DataFrame({"run_id": ["a"]}), pd.DataFrame())
     assert seen["method"] == V.SEQUENTIAL and claims[0].decision.method == V.CS_METHOD
-    assert D.legacy_warning() is None
     assert V.current_method() == V.FIXED
 
 
