@@ -259,7 +259,9 @@ def test_http_dead_claims_are_taken_over_exactly_once_both_ways(home, tmp_path):
         assert [k.info.status for k in _kids(runs)] == ["RUNNING"] * 2
         pid_a, pid_b = _race(home, tmp_path, uri)
         winners, kids = _winners(home, uri)
-        assert Counter(k.info.status for k in kids) == {"FINISHED": 2, "KILLED": 2}
+        # Each dead claimant's run had epoch 1 checkpointed: the slot's winner resumed it in place.
+        assert Counter(k.info.status for k in kids) == {"FINISHED": 2}
+        assert all("bnlab.resumed" in k.data.tags for k in kids)
         assert winners["0"].data.tags["bnlab.pid"] == str(pid_a)
         assert winners["1"].data.tags["bnlab.pid"] == str(pid_b)
         assert {w.data.tags["bnlab.claim_slot"].rsplit("/", 1)[1] for w in winners.values()} == {"1"}
