@@ -95,7 +95,6 @@ def pg_connections(uri: str) -> int:
 @contextmanager
 def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterator[str]:
     """`bnlab-ui --backend-store-uri STORE` on a free loopback port; yields its URL once it answers."""
-    import urllib.request
 
     port = free_port()
     # The server's log goes to a file: a pipe nobody reads fills up (64 KB of access log lines under
@@ -106,16 +105,12 @@ def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterat
                             text=True, start_new_session=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    logf.seek(0)
-                    raise RuntimeError("bnlab-ui did not start: " + logf.read()[-3000:])
-                time.sleep(0.5)
+        from bnlab.ui import wait_ready
+
+        why = wait_ready(url, proc, timeout_s=180)  # bnlab-ui's own readiness check
+        if why:
+            logf.seek(0)
+            raise RuntimeError(f"bnlab-ui did not start ({why}): " + logf.read()[-3000:])
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

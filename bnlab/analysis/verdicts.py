@@ -273,30 +273,29 @@ def _method_args(method: Optional[str]) -> Tuple[str, str]:
     return method, METHODS[method]
 
 
+def _one_sided(values, threshold: float, rule: str, alpha: float, method: Optional[str], read) -> Decision:
+    """A claim on one side of `threshold`, read from the interval by `read` (read_above/read_below)."""
+    method, text = _method_args(method)
+    m, lo, hi, n, sd = interval(values, alpha, method)
+    if n < 2:
+        return Decision(UNDECIDED, rule, m, lo, hi, n, text, None)
+    verdict = str(read(lo, hi, threshold))
+    need = seeds_to_decide(m, sd, threshold, alpha, SEQUENTIAL) if verdict == UNDECIDED else None
+    return Decision(verdict, rule, m, lo, hi, n, text, need)
+
+
 def above(values: Iterable[float], threshold: float = 0.0, rule: str = "", alpha: float = 0.05,
           method: Optional[str] = None) -> Decision:
     """Claim: the true mean of `values` (e.g. per-seed paired differences) is above `threshold`."""
-    method, text = _method_args(method)
-    m, lo, hi, n, sd = interval(values, alpha, method)
-    rule = rule or f"95% CI of the mean above {threshold:g}"
-    if n < 2:
-        return Decision(UNDECIDED, rule, m, lo, hi, n, text, None)
-    verdict = str(read_above(lo, hi, threshold))
-    need = seeds_to_decide(m, sd, threshold, alpha, SEQUENTIAL) if verdict == UNDECIDED else None
-    return Decision(verdict, rule, m, lo, hi, n, text, need)
+    return _one_sided(values, threshold, rule or f"95% CI of the mean above {threshold:g}", alpha, method,
+                      read_above)
 
 
 def below(values: Iterable[float], threshold: float = 0.0, rule: str = "", alpha: float = 0.05,
           method: Optional[str] = None) -> Decision:
     """Claim: the true mean of `values` is below `threshold`."""
-    method, text = _method_args(method)
-    m, lo, hi, n, sd = interval(values, alpha, method)
-    rule = rule or f"95% CI of the mean below {threshold:g}"
-    if n < 2:
-        return Decision(UNDECIDED, rule, m, lo, hi, n, text, None)
-    verdict = str(read_below(lo, hi, threshold))
-    need = seeds_to_decide(m, sd, threshold, alpha, SEQUENTIAL) if verdict == UNDECIDED else None
-    return Decision(verdict, rule, m, lo, hi, n, text, need)
+    return _one_sided(values, threshold, rule or f"95% CI of the mean below {threshold:g}", alpha, method,
+                      read_below)
 
 
 def within(values: Iterable[float], reference: float, tol: float, rule: str = "",
