@@ -16,6 +16,8 @@ epochs count from 1 as they are logged. Unset, every ``point()`` returns at once
   kill_after_epoch:E[@J]      SIGKILL this process once epoch E's metrics are written
   sigint_after_epoch:E[@J]    SIGINT this process (Ctrl-C) once epoch E's metrics are written
   fail_claim_create[@J]       the claim's create_run fails as a store error (MlflowException)
+  store_busy:N                the first N store calls of this process are answered "busy" (a
+                              server's exhausted connection pool) before they reach the store
   claim_race:R[@J]            over HTTP, racer R (1 or 2) of two jobs claiming one grid point: each
                               writes DIR/claim_race.<hash>.<R>.checked once its checks are done and
                               waits until both have; racer 2 then waits for DIR/claim_race.<hash>.1.done
@@ -61,6 +63,7 @@ _POINT: Dict[str, Tuple[Tuple[str, ...], bool]] = {
     "kill_after_epoch": (("epoch_logged",), True),
     "sigint_after_epoch": (("epoch_logged",), True),
     "fail_claim_create": (("claim_create",), False),
+    "store_busy": (("store_call",), True),
     "claim_race": (("claim_race", "claim_settled"), True),
 }
 _cache: Tuple[str, Tuple[Fault, ...]] = ("", ())
@@ -217,6 +220,18 @@ def _fail_claim(f: Fault, point_name: str, ctx) -> None:
     raise MlflowException(f"planted fault ({ENV}=fail_claim_create): the claim could not be created")
 
 
+_busy_calls = [0]
+
+
+def _busy(f: Fault, point_name: str, ctx) -> None:
+    from mlflow.exceptions import MlflowException
+
+    _busy_calls[0] += 1
+    if _busy_calls[0] <= f.arg:
+        raise MlflowException(f"planted fault ({ENV}=store_busy:{f.arg}): QueuePool limit of size 4 overflow 2 "
+                              f"reached, connection timed out, timeout 30.00 (call {_busy_calls[0]}: {ctx.get('method')})")
+
+
 def _race(f: Fault, point_name: str, ctx) -> None:
     d, key, me = _dir(), ctx.get("key", "point"), f.arg
     if point_name == "claim_race":
@@ -232,5 +247,5 @@ def _race(f: Fault, point_name: str, ctx) -> None:
 _ACTIONS: Dict[str, Callable[[Fault, str, dict], None]] = {
     "store_readonly_after_job": _readonly, "store_full_after_job": _full, "pause_after_job": _pause,
     "kill_after_epoch": _kill, "sigint_after_epoch": _sigint, "fail_claim_create": _fail_claim,
-    "claim_race": _race,
+    "claim_race": _race, "store_busy": _busy,
 }

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 import uuid
 from collections import Counter
@@ -469,6 +470,16 @@ class SweepCallback(Callback):
     """Runs in the launching process, before and after all jobs of a multirun."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        # Hydra turns a callback's exception into a warning and runs the jobs anyway: without
+        # their parent run, counts or summary. A sweep that cannot be set up stops here, loudly.
+        try:
+            self._start(config)
+        except Exception as e:
+            print(f"bnlab-train: error: could not set up the sweep in {resolve_uri(config.tracking.uri)} "
+                  f"({root_cause(e)}); no job was run", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    def _start(self, config) -> None:
         from mlflow.entities import RunStatus
 
         global LAST_RESULT
@@ -486,8 +497,10 @@ class SweepCallback(Callback):
         if config.tracking.study:
             tags[TAG + "study"] = config.tracking.study
         c = client(uri)
+        have = c.get_experiment(exp_id).tags
         for k, v in describe.experiment_tags(config.tracking.study, n_runs, varying).items():
-            c.set_experiment_tag(exp_id, k, v)
+            if have.get(k) != v:  # two sweeps at once write each tag once at most
+                c.set_experiment_tag(exp_id, k, v)
         with store_lock(uri):
             killed = mark_dead_runs(uri, exp)
             if killed:

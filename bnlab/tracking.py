@@ -127,6 +127,61 @@ def store_lock(uri: Optional[str], timeout_s: float = 300.0):
     return _LOCKS[key]
 
 
+# A store that is busy answers with an error that means "try again": nothing was written. A
+# server's connection pool was exhausted for its whole pool timeout (MLflow returns SQLAlchemy's
+# error as 400 BAD_REQUEST, which its client does not retry), PostgreSQL refused a connection, or
+# SQLite stayed locked. Every client call is retried on these, with backoff, for up to
+# $BNLAB_STORE_BUSY_WAIT_S seconds (BUSY_WAIT_S by default); then the error stands.
+BUSY = ("QueuePool limit of size", "too many clients already", "too many connections",
+        "remaining connection slots are reserved", "database is locked")
+# Two writers setting the same tag at once: the loser's INSERT hits the unique key the winner just
+# wrote. Retried only where the call is idempotent (the retry updates the row to the same value).
+RACED = ("UNIQUE constraint failed", "duplicate key value violates unique constraint")
+IDEMPOTENT = frozenset({"set_tag", "set_experiment_tag"})
+BUSY_WAIT_ENV, BUSY_WAIT_S = "BNLAB_STORE_BUSY_WAIT_S", 300.0
+
+
+def busy_reason(method: str, e: BaseException) -> Optional[str]:
+    """The pattern that makes `e` (raised by MlflowClient.<method>) safe to retry, else None."""
+    text = str(e)
+    for pat in BUSY + (RACED if method in IDEMPOTENT else ()):
+        if pat in text:
+            return pat
+    return None
+
+
+class RetryingClient:
+    """MlflowClient whose calls retry while the store is busy (see BUSY); anything else is raised
+    at once. Attributes that are not methods pass through."""
+
+    def __init__(self, inner, wait_s: Optional[float] = None, sleep=time.sleep):
+        if wait_s is None:
+            wait_s = float(os.environ.get(BUSY_WAIT_ENV, BUSY_WAIT_S))
+        self._inner, self._wait_s, self._sleep = inner, wait_s, sleep
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            waited, delay = 0.0, 0.25
+            while True:
+                try:
+                    faults.point("store_call", method=name)
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    why = busy_reason(name, e)
+                    if why is None or waited >= self._wait_s:
+                        raise
+                    log.warning("store busy (%s) in %s; retrying in %.1f s", why, name, delay)
+                    self._sleep(delay)
+                    waited += delay
+                    delay = min(delay * 2, 8.0)
+
+        return call
+
+
 def client(uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
@@ -135,7 +190,7 @@ def client(uri: Optional[str]):
     uri = resolve_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    return RetryingClient(MlflowClient(tracking_uri=uri))
 
 
 def ensure_experiment(uri: Optional[str], name: str) -> str:

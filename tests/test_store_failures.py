@@ -176,3 +176,76 @@ def test_http_retries_are_bounded_unless_set(monkeypatch):
     assert mev.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
     assert mev.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
     assert mev.MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 33
+
+
+# ------------------------------------------------------------------ a busy store is waited out
+
+def test_busy_store_errors_are_retried_and_others_are_not():
+    from mlflow.exceptions import MlflowException
+
+    from bnlab.tracking import RetryingClient
+
+    class Inner:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def _call(self, *a, **k):
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return ("ok", a, k)
+
+        set_tag = create_run = _call
+
+    pool = MlflowException("BAD_REQUEST: QueuePool limit of size 4 overflow 2 reached, connection timed out")
+    race = MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
+    slept = []
+    inner = Inner([pool, pool, pool])
+    assert RetryingClient(inner, wait_s=60, sleep=slept.append).create_run("0", x=1) == ("ok", ("0",), {"x": 1})
+    assert inner.calls == 4 and slept == [0.25, 0.5, 1.0]  # backoff doubles
+    # a tag written twice at once is retried (the retry updates the row); a run is never created twice
+    inner = Inner([race])
+    assert RetryingClient(inner, wait_s=60, sleep=slept.append).set_tag("r", "k", "v")[0] == "ok"
+    inner = Inner([race])
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        RetryingClient(inner, wait_s=60, sleep=slept.append).create_run("0")
+    assert inner.calls == 1
+    # any other error at once; a busy store past the wait: its error stands
+    inner = Inner([MlflowException("RESOURCE_ALREADY_EXISTS")])
+    with pytest.raises(MlflowException, match="ALREADY"):
+        RetryingClient(inner, wait_s=60, sleep=slept.append).create_run("0")
+    slept.clear()
+    inner = Inner([pool] * 20)
+    with pytest.raises(MlflowException, match="QueuePool"):
+        RetryingClient(inner, wait_s=5, sleep=slept.append).set_tag("r", "k", "v")
+    assert sum(slept[:-1]) < 5 <= sum(slept) and inner.calls == len(slept) + 1
+
+
+def test_a_sweep_waits_out_a_busy_store(home, train_cmd, monkeypatch):
+    """The first store calls are answered "busy" (bnlab.faults store_busy, as an MLflow server whose
+    connection pool is exhausted answers): the sweep waits, then every grid point runs once."""
+    monkeypatch.setenv(faults.ENV, "store_busy:4")
+    monkeypatch.setattr(faults, "_busy_calls", [0])
+    code, out, err = train_cmd(*SWEEP)
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert faults._busy_calls[0] > 4  # the fault did answer busy, and calls went on after it
+    assert "bnlab-train: 4 finished, 0 failed, 0 skipped, 0 diverged" in out, out[-2000:]
+    assert sorted(k.info.status for k in _jobs(home, None)) == ["FINISHED"] * 4
+
+
+def test_a_sweep_that_cannot_be_set_up_stops_before_any_job(home, train_cmd, monkeypatch):
+    """Hydra turns a callback's exception into a warning; bnlab's sweep set-up does not let it."""
+    monkeypatch.setenv(faults.ENV, "store_busy:1000")
+    monkeypatch.setenv("BNLAB_STORE_BUSY_WAIT_S", "0")
+    monkeypatch.setattr(faults, "_busy_calls", [0])
+    code, out, err = train_cmd(*SWEEP)
+    assert code == 1, out[-2000:] + err[-2000:]
+    assert "could not set up the sweep" in err and "QueuePool limit" in err and "no job was run" in err, err
+    assert " finished, " not in out
+    monkeypatch.delenv(faults.ENV)
+    from mlflow.tracking import MlflowClient
+
+    from conftest import store_uri
+
+    exp = MlflowClient(store_uri(home)).get_experiment_by_name("smoke")  # the store was never written
+    assert exp is None or MlflowClient(store_uri(home)).search_runs([exp.experiment_id]) == []
