@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from bnlab import studies
 from bnlab.config import Config, ConfigError
-from bnlab.tracking import project_home
+from bnlab.store import project_home
 
 log = logging.getLogger("bnlab")
 
@@ -209,7 +209,7 @@ def check_store(uri: Optional[str]) -> None:
     import urllib.error
     import urllib.request
 
-    from bnlab.tracking import resolve_uri, sqlite_path
+    from bnlab.store import resolve_uri, sqlite_path
 
     u = resolve_uri(uri)
     scheme = u.split("://", 1)[0] if "://" in u else ""
@@ -281,7 +281,7 @@ _URIS: List[str] = []  # the stores of the command's jobs ("" = the default), fo
 
 def store_hint(uris: Sequence[str]) -> str:
     """The one line that points MLflow's own tools (mlflow ui, mlflow runs list) at the store."""
-    from bnlab.tracking import resolve_uri, sqlite_path
+    from bnlab.store import resolve_uri, sqlite_path
 
     uri = resolve_uri((list(uris) or [""])[0] or None)
     path = sqlite_path(uri)
@@ -304,7 +304,7 @@ def _task(dcfg) -> Dict[str, float]:
     from omegaconf import OmegaConf
 
     from bnlab import faults, sweep
-    from bnlab.tracking import StoreError, resolve_uri, root_cause
+    from bnlab.store import StoreError, resolve_uri, root_cause
     from bnlab.train import train
 
     cfg: Config = OmegaConf.to_object(dcfg)
@@ -408,7 +408,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
 
     from bnlab import faults, sweep
     from bnlab.data import DataError
-    from bnlab.tracking import bound_http_retries
+    from bnlab.store import bound_http_retries
 
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")

@@ -300,7 +300,7 @@ class StudyStore:
     def _experiment(self):
         """(client, experiment or None); None, None where a SQLite store does not exist yet (reading
         must not create it: a fresh store is created once, under the lock, by the first sweep)."""
-        from bnlab.tracking import client, sqlite_path
+        from bnlab.store import client, sqlite_path
 
         path = sqlite_path(self.uri)
         if path is not None and not path.is_file():
@@ -341,7 +341,7 @@ class StudyStore:
 def summary(experiment: str, uri: Optional[str] = None) -> Optional[str]:
     """For a report section: 'bnlab-decide: 7 rounds, 2412 s in all; last: stopped: ...' from the
     experiment's bnlab.decide.* tags, or None where bnlab-decide never ran on it (or no store exists)."""
-    from bnlab.tracking import client, resolve_uri, sqlite_path
+    from bnlab.store import client, resolve_uri, sqlite_path
 
     path = sqlite_path(uri)
     if path is not None and not path.is_file():

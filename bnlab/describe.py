@@ -31,7 +31,7 @@ def defining_params(flat: Mapping[str, object]) -> Dict[str, object]:
 
 def execution_tags(cfg: Config) -> Dict[str, str]:
     """The execution fields of a run as tags bnlab.<key> (device, eval batch size, data root, ...)."""
-    from bnlab.tracking import TAG
+    from bnlab.store import TAG
 
     return {TAG + k: str(v) for k, v in flatten(to_plain(cfg)).items() if field_role(k).role == Role.execution}
 
@@ -256,7 +256,7 @@ def source_name(study: Optional[str]) -> str:
 
 def run_tags(cfg: Config) -> Dict[str, str]:
     """Tags of one training run besides bnlab's own: description, MLflow's standard tags, threads."""
-    from bnlab.tracking import TAG
+    from bnlab.store import TAG
 
     return {"mlflow.note.content": run_description(cfg), **standard_tags(source_name(cfg.tracking.study)),
             **execution_tags(cfg), TAG + "threads": str(cfg.train.threads) if cfg.train.threads else "default"}

@@ -142,7 +142,7 @@ def _touch(path: Path) -> None:
 
 
 def _store_file(ctx) -> Path:
-    from bnlab.tracking import sqlite_path
+    from bnlab.store import sqlite_path
 
     p = sqlite_path(ctx.get("uri"))
     if p is None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bnlab.config import Config, ConfigError, to_plain
-from bnlab.tracking import MODEL_ARTIFACT, client, resolve_uri
+from bnlab.store import MODEL_ARTIFACT, client, resolve_uri
 
 
 def model_artifact(model: nn.Module, cfg: Config, ds) -> Tuple[Dict[str, torch.Tensor], str]:

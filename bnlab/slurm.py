@@ -102,7 +102,7 @@ def dead_task(config, job, num: int, overrides: List[str]) -> JobReturn:
     """A task that left the queue without a result: a failed outcome for the sweep's count,
     and its run (RUNNING, tagged with the task id) ended KILLED so a relaunch resumes it."""
     from bnlab import sweep
-    from bnlab.tracking import TAG, client
+    from bnlab.store import TAG, client
 
     why = f"SLURM task {job.job_id} ended without a result (killed, cancelled or its node lost)"
     log.error("job %d: %s", num, why)

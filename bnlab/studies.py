@@ -29,7 +29,7 @@ def user_sources() -> List[str]:
     """The user's config sources in Hydra's search order: $BNLAB_CONFIG_DIR (bnlab-train puts its
     --config-dir and hydra.searchpath there), then <project>/conf when it exists. The packaged folder
     itself never counts twice."""
-    from bnlab.tracking import project_home
+    from bnlab.store import project_home
 
     entries = [e for e in os.environ.get(ENV, "").split(os.pathsep) if e.strip()]
     default = project_home() / "conf"

@@ -33,8 +33,9 @@ from hydra.experimental.callback import Callback
 
 from bnlab import checkpoint, describe, faults
 from bnlab.config import Config, config_hash, flatten
-from bnlab.tracking import (TAG, MlflowTracker, client, ensure_experiment, git_info, is_http, owner_tags,
-                            pid_alive, resolve_uri, root_cause, store_lock)
+from bnlab.store import (TAG, client, ensure_experiment, git_info, is_http, owner_tags, pid_alive, resolve_uri,
+                         root_cause, store_lock)
+from bnlab.tracking import MlflowTracker
 
 log = logging.getLogger("bnlab")
 PARENT_FILE = ".bnlab_parent_run"

@@ -24,7 +24,8 @@ from bnlab.load import model_artifact
 from bnlab.models import build_model, natural_shape
 from bnlab.schedule import lr_at
 from bnlab.threads import auto_threads
-from bnlab.tracking import TAG, BackgroundTracker, NullTracker, StoreError
+from bnlab.store import TAG, StoreError
+from bnlab.tracking import BackgroundTracker, NullTracker
 
 log = logging.getLogger("bnlab")
 

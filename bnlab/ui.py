@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """bnlab-ui: the MLflow UI (an MLflow tracking server) on 127.0.0.1 over the project's store.
     Runs may also log through it: tracking.uri=http://127.0.0.1:PORT."""
-    from bnlab.tracking import artifact_root, default_uri, resolve_uri
+    from bnlab.store import artifact_root, default_uri, resolve_uri
 
     a = build_parser().parse_args(argv)
     if not 1 <= a.port <= 65535:

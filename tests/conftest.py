@@ -121,7 +121,7 @@ def train_cmd(home, monkeypatch, capsys):
     """bnlab-train's main in this process: (exit status, stdout, stderr); the environment and
     sys.argv it sets are restored afterwards."""
     from bnlab import cli as bcli
-    from bnlab.tracking import HTTP_ENV
+    from bnlab.store import HTTP_ENV
 
     for k in HTTP_ENV:
         monkeypatch.delenv(k, raising=False)

@@ -49,7 +49,8 @@ def build_store(home: Path, studies: Sequence[str], log=print) -> Dict[str, int]
     """Train every smoke-size job of `studies` into <home>/runs/mlflow.db; {study: runs}."""
     from bnlab.config import config_hash
     from bnlab.describe import run_name
-    from bnlab.tracking import MlflowTracker, ensure_experiment
+    from bnlab.store import ensure_experiment
+    from bnlab.tracking import MlflowTracker
     from bnlab.train import train
 
     os.environ["BNLAB_HOME"] = str(home)

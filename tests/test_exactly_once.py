@@ -101,7 +101,7 @@ def test_two_sweeps_at_once_through_one_server(home, tmp_path):
 
 def _fake_claim(home, h: str, heartbeat: float) -> str:
     """A RUNNING run of config `h` owned by a process on another host (its pid cannot be checked)."""
-    from bnlab.tracking import ensure_experiment
+    from bnlab.store import ensure_experiment
     from mlflow.tracking import MlflowClient
 
     exp_id = ensure_experiment(store_uri(home), "smoke")

@@ -76,7 +76,7 @@ def _writer(url: str, i: int, sweep_dir: str, start: "mp.synchronize.Event", out
 
 def test_32_concurrent_writers_lose_and_duplicate_nothing(pg_server, tmp_path):
     db, url = pg_server
-    from bnlab.tracking import ensure_experiment
+    from bnlab.store import ensure_experiment
 
     ensure_experiment(url, "load")
     # spawn, not fork: MLflow's client starts threads (telemetry) whose locks a fork can copy held.

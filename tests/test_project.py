@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bnlab
-from bnlab import cli, describe, studies, tracking
+from bnlab import cli, describe, store, studies
 from bnlab.config import (Config, ConfigError, DataConfig, DataName, ModelConfig, ModelName, Placement,
                           to_plain)
 
@@ -200,20 +200,20 @@ def test_an_unknown_study_names_where_studies_were_looked_for(project):
 # ------------------------------------------------------------------ 3. where things go
 
 def test_the_project_folder_is_the_working_directory_or_bnlab_home(project, tmp_path, monkeypatch):
-    assert tracking.project_home() == project
-    assert tracking.default_uri() == f"sqlite:///{project / 'runs' / 'mlflow.db'}"
-    assert tracking.artifact_root() == project / "runs" / "artifacts"
+    assert store.project_home() == project
+    assert store.default_uri() == f"sqlite:///{project / 'runs' / 'mlflow.db'}"
+    assert store.artifact_root() == project / "runs" / "artifacts"
     monkeypatch.setenv("BNLAB_HOME", str(tmp_path / "h"))
-    assert tracking.project_home() == tmp_path / "h"
-    assert tracking.resolve_uri(None) == f"sqlite:///{tmp_path / 'h' / 'runs' / 'mlflow.db'}"
+    assert store.project_home() == tmp_path / "h"
+    assert store.resolve_uri(None) == f"sqlite:///{tmp_path / 'h' / 'runs' / 'mlflow.db'}"
 
 
 def test_mlflow_tracking_uri_is_honoured_and_the_command_line_wins(project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine.db")
-    assert tracking.resolve_uri(None) == f"sqlite:///{project / 'mine.db'}"  # relative: to the cwd, as MLflow
-    assert tracking.resolve_uri("sqlite:////tmp/x/other.db") == "sqlite:////tmp/x/other.db"
-    assert tracking.artifact_root(None) == project / "artifacts"  # beside the store it follows
-    assert tracking.artifact_root("sqlite:////tmp/x/other.db") == Path("/tmp/x/artifacts")
+    assert store.resolve_uri(None) == f"sqlite:///{project / 'mine.db'}"  # relative: to the cwd, as MLflow
+    assert store.resolve_uri("sqlite:////tmp/x/other.db") == "sqlite:////tmp/x/other.db"
+    assert store.artifact_root(None) == project / "artifacts"  # beside the store it follows
+    assert store.artifact_root("sqlite:////tmp/x/other.db") == Path("/tmp/x/artifacts")
 
 
 def test_the_report_never_writes_into_the_installed_package(project, capsys):
@@ -253,7 +253,7 @@ def test_a_run_started_in_the_project_folder_lands_there_and_mlflow_sees_it(proj
 # ------------------------------------------------------------------ 4. records that reproduce
 
 def test_runs_record_the_version_and_absolute_data_paths(project):
-    assert tracking.git_info()["bnlab.version"] == bnlab.__version__
+    assert store.git_info()["bnlab.version"] == bnlab.__version__
     assert describe.standard_tags("bnlab-train")["bnlab.version"] == bnlab.__version__
     d = DataConfig(name=DataName.tensors, path="sub/../data.npz", root="~/x")
     assert d.path == str(project / "data.npz") and d.root == str(Path.home() / "x")
@@ -303,11 +303,11 @@ def test_a_custom_model_reloads_from_its_saved_source_in_another_folder(project,
                                  synthetic_shape=[3, 8, 8]))
     cfg.bn.precise_samples, cfg.train.epochs, cfg.train.bs1_samples, cfg.train.progress = 32, 1, 2, False
     uri = f"sqlite:///{project / 'runs' / 'mlflow.db'}"
-    tracking.ensure_experiment(uri, "mine")
+    store.ensure_experiment(uri, "mine")
     tracker = MlflowTracker(uri, "mine", "one")
     train(cfg, tracker, config_text="x: 1")
     run_id = tracker.run_id
-    names = [a.path for a in tracking.client(uri).list_artifacts(run_id, "model_source")]
+    names = [a.path for a in store.client(uri).list_artifacts(run_id, "model_source")]
     assert names == ["model_source/mynets_reload.py"]
     # The module is gone from the import path, the file deleted, and we are in another folder.
     (project / "mynets_reload.py").unlink()

@@ -12,7 +12,8 @@ from bnlab import checkpoint as ck
 from bnlab import sweep
 from bnlab import train as train_mod
 from bnlab.config import Config, DataConfig, DataName, TrainConfig, config_hash
-from bnlab.tracking import MlflowTracker, TAG
+from bnlab.store import TAG
+from bnlab.tracking import MlflowTracker
 
 from conftest import cli, runs_of, store_uri
 

@@ -167,7 +167,7 @@ def test_http_retries_are_bounded_unless_set(monkeypatch):
     # with backoff 2 and a 120 s timeout per request. bnlab bounds them; a value set by the user wins.
     from mlflow import environment_variables as mev
 
-    from bnlab.tracking import HTTP_ENV, bound_http_retries
+    from bnlab.store import HTTP_ENV, bound_http_retries
 
     for k in HTTP_ENV:
         monkeypatch.delenv(k, raising=False)
@@ -183,7 +183,7 @@ def test_http_retries_are_bounded_unless_set(monkeypatch):
 def test_busy_store_errors_are_retried_and_others_are_not():
     from mlflow.exceptions import MlflowException
 
-    from bnlab.tracking import RetryingClient
+    from bnlab.store import RetryingClient
 
     class Inner:
         def __init__(self, errors):
@@ -219,6 +219,17 @@ def test_busy_store_errors_are_retried_and_others_are_not():
     with pytest.raises(MlflowException, match="QueuePool"):
         RetryingClient(inner, wait_s=5, sleep=slept.append).set_tag("r", "k", "v")
     assert sum(slept[:-1]) < 5 <= sum(slept) and inner.calls == len(slept) + 1
+
+
+def test_the_store_client_pickles(tmp_path):
+    """A tracker (and its client) goes to BackgroundTracker's logging process by pickle."""
+    import pickle
+
+    from bnlab.store import client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = pickle.loads(pickle.dumps(client(uri)))
+    assert c.tracking_uri == uri and callable(c.search_runs)
 
 
 def test_a_sweep_waits_out_a_busy_store(home, train_cmd, monkeypatch):

@@ -30,7 +30,7 @@ from bnlab.analysis.frames import COLLAPSE_RULE
 from bnlab.analysis.runs import StoreNotFound, list_experiments, load_curves, load_runs
 from bnlab.config import DIVERGED_LOSS
 from bnlab import studies as study_files
-from bnlab.tracking import project_home, resolve_uri
+from bnlab.store import project_home, resolve_uri
 
 USAGE = "usage: bnlab-report [study=NAME[,NAME...]] [tracking.uri=URI] [out=DIR] [--force]"
 

@@ -40,7 +40,7 @@ import pandas as pd
 
 from bnlab.analysis.frames import once_per_config
 from bnlab.config import DIVERGED_LOSS
-from bnlab.tracking import TAG, resolve_uri
+from bnlab.store import TAG, resolve_uri
 
 FINAL = "final/"
 TAGS = "tags."

@@ -161,7 +161,7 @@ def _import_analysis(target: str, study: str):
 
 
 def _project() -> Path:
-    from bnlab.tracking import project_home
+    from bnlab.store import project_home
 
     return project_home()
 

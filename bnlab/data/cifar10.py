@@ -27,7 +27,7 @@ HOW_TO_GET = (f"download {URL} (MD5 {MD5}) on a machine with a network and put i
 
 
 def cache_dir() -> Path:
-    from bnlab.tracking import project_home
+    from bnlab.store import project_home
 
     return project_home() / "runs" / "data" / "cifar10"
 

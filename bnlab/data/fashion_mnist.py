@@ -60,7 +60,7 @@ def _has_files(folder: Path) -> bool:
 
 
 def cache_dir() -> Path:
-    from bnlab.tracking import project_home
+    from bnlab.store import project_home
 
     return project_home() / "runs" / "data" / "fashion-mnist"
 
