@@ -303,7 +303,7 @@ def _task(dcfg) -> Dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from bnlab import faults, sweep
+    from bnlab import faults, outcomes, sweep
     from bnlab.store import StoreError, resolve_uri, root_cause
     from bnlab.train import train
 
@@ -316,9 +316,9 @@ def _task(dcfg) -> Dict[str, float]:
         _summary(result, context.tracker)
         return result
     num, sdir = int(hc.job.num), hc.sweep.dir
-    broken = sweep.store_failure(sdir)
+    broken = outcomes.store_failure(sdir)
     if broken:
-        sweep.record_outcome(sdir, num, "not_run", broken)
+        outcomes.record_outcome(sdir, num, "not_run", broken)
         log.info("job %s not run: the store failed earlier in this sweep", num)
         return {"not_run": 1.0}
     if cfg.train.threads is None:
@@ -328,7 +328,7 @@ def _task(dcfg) -> Dict[str, float]:
         context = sweep.job_context(cfg, hc, list(hc.overrides.task), multirun)
         if context.skip_reason:
             log.info("skipped: %s", context.skip_reason)
-            sweep.record_outcome(sdir, num, "skipped", context.skip_reason)
+            outcomes.record_outcome(sdir, num, "skipped", context.skip_reason)
             return {"skipped": 1.0}
         result = train(cfg, context.tracker, extra_tags=context.tags, config_text=OmegaConf.to_yaml(dcfg))
     except KeyboardInterrupt:
@@ -341,12 +341,12 @@ def _task(dcfg) -> Dict[str, float]:
             if not isinstance(e, StoreError):
                 line = f"store {resolve_uri(cfg.tracking.uri)} failed ({root_cause(e)})"
             log.error("job %s: %s", num, line)
-            sweep.record_outcome(sdir, num, "store_failed", line)
+            outcomes.record_outcome(sdir, num, "store_failed", line)
             return {"store_failed": 1.0}
         log.error("job %s failed: %s", num, line)  # its run is FAILED in the store with the error
-        sweep.record_outcome(sdir, num, "failed", line)
+        outcomes.record_outcome(sdir, num, "failed", line)
         return {"failed": 1.0}
-    sweep.record_outcome(sdir, num, "diverged" if "diverged_epoch" in result else "finished")
+    outcomes.record_outcome(sdir, num, "diverged" if "diverged_epoch" in result else "finished")
     faults.point("job_done", job=num, uri=cfg.tracking.uri)
     _summary(result, context.tracker)
     return result

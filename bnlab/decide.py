@@ -246,7 +246,8 @@ class StudyStore:
 
     def __init__(self, plan: Plan):
         from bnlab import cli
-        from bnlab.config import ConfigError, config_hash
+        from bnlab.config import ConfigError
+        from bnlab.roles import config_hash
 
         cli._prepare_env()
         cli.check_study([f"study={plan.study}"])

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from bnlab.config import Config, Role, field_role, flatten, is_param, to_plain
+from bnlab.config import Config, flatten, to_plain
+from bnlab.roles import Role, field_role, is_param
 
 # ------------------------------------------------------------------------ params that define a run
 
-# Which fields are params is the schema's table of field roles (bnlab.config.ROLES): result, seed
+# Which fields are params is the schema's table of field roles (bnlab.roles.ROLES): result, seed
 # and extra fields that apply; execution fields are tags (bnlab.<key>) and bookkeeping is left out
 # (the full resolved config is the run's config.yaml artifact).
 

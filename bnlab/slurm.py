@@ -101,14 +101,14 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
 def dead_task(config, job, num: int, overrides: List[str]) -> JobReturn:
     """A task that left the queue without a result: a failed outcome for the sweep's count,
     and its run (RUNNING, tagged with the task id) ended KILLED so a relaunch resumes it."""
-    from bnlab import sweep
+    from bnlab import outcomes
     from bnlab.store import TAG, client
 
     why = f"SLURM task {job.job_id} ended without a result (killed, cancelled or its node lost)"
     log.error("job %d: %s", num, why)
     sdir = config.hydra.sweep.dir
-    if not any(o["job"] == num for o in sweep.read_outcomes(sdir)):
-        sweep.record_outcome(sdir, num, "failed", why)
+    if not any(o["job"] == num for o in outcomes.read_outcomes(sdir)):
+        outcomes.record_outcome(sdir, num, "failed", why)
     uri, exp = config.tracking.uri, config.tracking.experiment
     try:
         c = client(uri)

@@ -24,7 +24,6 @@ import socket
 import sys
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -32,7 +31,9 @@ from typing import Dict, List, Optional
 from hydra.experimental.callback import Callback
 
 from bnlab import checkpoint, describe, faults
-from bnlab.config import Config, config_hash, flatten
+from bnlab.outcomes import SweepResult, summarise
+from bnlab.config import Config, flatten
+from bnlab.roles import config_hash
 from bnlab.store import (TAG, client, ensure_experiment, git_info, is_http, owner_tags, pid_alive, resolve_uri,
                          root_cause, store_lock)
 from bnlab.tracking import MlflowTracker
@@ -40,13 +41,11 @@ from bnlab.tracking import MlflowTracker
 log = logging.getLogger("bnlab")
 PARENT_FILE = ".bnlab_parent_run"
 VARYING_FILE = ".bnlab_varying_keys"  # JSON list: what run names show
-OUTCOMES_DIR = ".bnlab_outcomes"
 # A RUNNING run whose heartbeat (refreshed at its claim, its start and every epoch) is older than
 # this is presumed dead (a crashed node, a lost process on another host) and may be taken over.
 # It must exceed the longest epoch; BNLAB_CLAIM_TIMEOUT_S overrides it.
 CLAIM_TIMEOUT_S = 1800.0
 SLOT_PREFIX = "bnlab.claim"  # HTTP claim slots: experiment names (see the module docstring)
-OUTCOMES = ("finished", "failed", "skipped", "diverged", "store_failed", "not_run")
 
 
 def claim_timeout_s() -> float:
@@ -350,7 +349,7 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
             return JobContext(None, skip_reason=f"config {h} is being trained by {_owner(live[0])}")
         done = finished_run(uri, exp, h) if cfg.tracking.resume else None
         if done:
-            # The hash holds execution fields at their default (bnlab.config.ROLES): a relaunch that
+            # The hash holds execution fields at their default (bnlab.roles.ROLES): a relaunch that
             # changes only how the job runs lands here too.
             return JobContext(None, skip_reason=f"config {h} already has FINISHED run {done} (execution "
                               f"fields such as train.device do not retrain it; tracking.resume=false does)")
@@ -372,68 +371,7 @@ def job_context(cfg: Config, hc, overrides: List[str], multirun: bool) -> JobCon
     return JobContext(tracker, tags=tags, parent_run_id=parent, uri=uri)
 
 
-# ---------------------------------------------------------------------------------- outcomes
-
-def _outcome_file(sweep_dir) -> Path:
-    token = os.environ.get("BNLAB_SWEEP_TOKEN") or os.environ.get("BNLAB_PARENT_RUN") or "sweep"
-    return Path(str(sweep_dir)) / OUTCOMES_DIR / f"{token}.jsonl"
-
-
-def record_outcome(sweep_dir, job: int, kind: str, detail: str = "") -> None:
-    """One line per job in a file of this sweep (the launching process counts them at the end):
-    the count survives a store that can no longer be written."""
-    assert kind in OUTCOMES, kind
-    f = _outcome_file(sweep_dir)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"job": job, "outcome": kind, "detail": detail[:2000]}) + "\n"
-    with open(f, "a") as fh:  # one short O_APPEND write per job: whole lines, even from parallel workers
-        fh.write(line)
-
-
-def read_outcomes(sweep_dir) -> List[dict]:
-    f = _outcome_file(sweep_dir)
-    if not f.is_file():
-        return []
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-
-
-def store_failure(sweep_dir) -> Optional[str]:
-    """The first store failure of this sweep, if a job had one: later jobs do not start."""
-    for o in read_outcomes(sweep_dir):
-        if o["outcome"] == "store_failed":
-            return o["detail"]
-    return None
-
-
-@dataclass
-class SweepResult:
-    counts: Counter
-    store_error: Optional[str] = None
-    parent_run_id: Optional[str] = None
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.counts["failed"] or self.counts["store_failed"] or self.store_error)
-
-    def line(self) -> str:
-        c = self.counts
-        txt = (f"{c['finished']} finished, {c['failed'] + c['store_failed']} failed, {c['skipped']} skipped, "
-               f"{c['diverged']} diverged")
-        if self.store_error:
-            txt += f"; stopped after the first store failure, {c['not_run']} job(s) not run: {self.store_error}"
-        return txt
-
-
 LAST_RESULT: Optional[SweepResult] = None  # read by cli.train_main for the exit status
-
-
-def summarise(sweep_dir, n_jobs: Optional[int]) -> SweepResult:
-    outs = read_outcomes(sweep_dir)
-    counts = Counter({k: 0 for k in OUTCOMES})
-    counts.update(o["outcome"] for o in outs)
-    if n_jobs is not None and len(outs) < n_jobs:
-        counts["failed"] += n_jobs - len(outs)  # a job that died before recording its outcome
-    return SweepResult(counts, store_failure(sweep_dir))
 
 
 def interrupted(ctx: JobContext) -> None:

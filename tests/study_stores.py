@@ -47,7 +47,7 @@ def smoke_jobs(study: str, extra: Sequence[str] = ()) -> List:
 
 def build_store(home: Path, studies: Sequence[str], log=print) -> Dict[str, int]:
     """Train every smoke-size job of `studies` into <home>/runs/mlflow.db; {study: runs}."""
-    from bnlab.config import config_hash
+    from bnlab.roles import config_hash
     from bnlab.describe import run_name
     from bnlab.store import ensure_experiment
     from bnlab.tracking import MlflowTracker

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bnlab import cli
-from bnlab.config import Config, ConfigError, config_hash, flatten, to_plain
+from bnlab.config import Config, ConfigError, flatten, to_plain
+from bnlab.roles import config_hash
 
 from conftest import CONF_DIR, ROOT, STUDIES
 SCHEMA_KEYS = set(flatten(to_plain(Config())))

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from bnlab import describe as D
-from bnlab.config import (ROLES, BNConfig, Config, DataConfig, DataName, ModelConfig, ModelName, Placement, Role,
-                          field_role, flatten, to_plain)
+from bnlab.config import (BNConfig, Config, DataConfig, DataName, ModelConfig, ModelName, Placement, flatten,
+                          to_plain)
+from bnlab.roles import ROLES, Role, field_role
 from conftest import CONF_DIR, ROOT, STUDIES
 
 

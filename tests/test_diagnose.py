@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnlab
+from bnlab import evaluation
 from bnlab import train as train_mod
 from bnlab.config import BNConfig, Config, DataConfig, DataName, Device, TrainConfig
 from bnlab.data import eval_batches, make_synthetic, train_batches
@@ -70,7 +71,7 @@ def test_update_stats_false_is_stale_and_normal_training_is_healthy():
         err = bnlab.bn.running_stats_error(s.model, ref)
         assert s.d.layers["mean_err"].mean() == pytest.approx(err["mean_err"], rel=1e-12)
         assert s.d.layers["var_err"].mean() == pytest.approx(err["var_err"], rel=1e-12)
-        ev = train_mod.evaluate(ref, s.ds.x_val, s.ds.y_val, 32)
+        ev = evaluation.evaluate(ref, s.ds.x_val, s.ds.y_val, 32)
         assert s.d.evals.loc["precise", "acc"] == pytest.approx(ev["acc"])
         assert s.d.evals.loc["precise", "loss"] == pytest.approx(ev["loss"], rel=1e-5)
 

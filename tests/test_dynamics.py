@@ -176,7 +176,7 @@ def test_freeze_at_in_a_run_keeps_the_running_statistics_fixed():
     # the loop by hand, as train() runs it: no buffer moves during a frozen epoch
     s = train_mod.setup(cfg)
     train_mod.train_epoch(s, 32)
-    bnm.freeze(s.model, train_mod._precise_source(s.ds, 32, s.gen), 256)
+    bnm.freeze(s.model, train_mod.precise_source(s.ds, 32, s.gen), 256)
     snap = [b.clone() for b in s.model.buffers()]
     train_mod.train_epoch(s, 32)
     assert all(torch.equal(a, b) for a, b in zip(snap, s.model.buffers()))

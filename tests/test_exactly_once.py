@@ -114,7 +114,7 @@ def _fake_claim(home, h: str, heartbeat: float) -> str:
 
 def _hash_of(*overrides: str) -> str:
     from bnlab import cli as bcli
-    from bnlab.config import config_hash
+    from bnlab.roles import config_hash
 
     bcli._prepare_env()
     jobs, _ = bcli.expand_jobs(list(overrides))

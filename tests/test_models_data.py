@@ -316,7 +316,7 @@ def test_resnet20_smoke_run_then_load_run_and_bnlab_diagnose(home, tmp_path, cap
     assert loaded.config.model.name == ModelName.resnet20 and loaded.shape == (3, 32, 32)
     assert len(bn.bn_modules(loaded.model)) == 19 and bn.bn_modules(loaded.model)[0].shadow_momenta == (0.5,)
     # The rebuilt model gives the logged validation accuracy (running statistics) on the same data.
-    from bnlab.train import evaluate
+    from bnlab.evaluation import evaluate
 
     ds = load_data(loaded.config.data, loaded.shape)
     acc = evaluate(loaded.model, ds.x_val, ds.y_val, loaded.config.data.eval_batch_size)["acc"]

@@ -273,7 +273,8 @@ tracking:
 
 def _train_mine(home):
     """The user's runs: 2 placements x 2 seeds, tiny synthetic data, in the project's own store."""
-    from bnlab.config import BNConfig, Config, DataConfig, DataName, Placement, TrainConfig, config_hash
+    from bnlab.config import BNConfig, Config, DataConfig, DataName, Placement, TrainConfig
+    from bnlab.roles import config_hash
     from bnlab.store import ensure_experiment
     from bnlab.tracking import MlflowTracker
     from bnlab.train import train

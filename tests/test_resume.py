@@ -11,7 +11,8 @@ import torch
 from bnlab import checkpoint as ck
 from bnlab import sweep
 from bnlab import train as train_mod
-from bnlab.config import Config, DataConfig, DataName, TrainConfig, config_hash
+from bnlab.config import Config, DataConfig, DataName, TrainConfig
+from bnlab.roles import config_hash
 from bnlab.store import TAG
 from bnlab.tracking import MlflowTracker
 

@@ -1,4 +1,4 @@
-"""Field roles: one table (bnlab.config.ROLES) read by the config hash, the MLflow params, run names and
+"""Field roles: one table (bnlab.roles.ROLES) read by the config hash, the MLflow params, run names and
 the report's groups; a (config group, seed) is counted once."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from bnlab import describe as D
 from bnlab.analysis import figures as F
 from bnlab.analysis import report
 from bnlab.analysis.runs import once_per_config
-from bnlab.config import (ROLES, Config, DataName, Device, Role, config_hash, field_role, flatten, groups_by,
-                          to_plain)
+from bnlab.config import Config, DataName, Device, flatten, to_plain
+from bnlab.roles import ROLES, Role, config_hash, field_role, groups_by
 
 
 def test_every_key_of_the_table_is_a_field_of_the_schema():

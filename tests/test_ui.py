@@ -16,7 +16,7 @@ import pytest
 
 from bnlab import describe as D
 from bnlab import ui as bui
-from bnlab.config import Role, field_role
+from bnlab.roles import Role, field_role
 from conftest import BIN, ROOT, UI, cli, main_exit
 
 FAST = ["train.threads=1"]

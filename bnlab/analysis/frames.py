@@ -46,12 +46,12 @@ def param_columns(df: pd.DataFrame) -> List[str]:
 
 def varying(df: pd.DataFrame, exclude: Iterable[str] = ()) -> List[str]:
     """Config params that take more than one value (seed and execution settings excluded)."""
-    from bnlab.config import groups_by
+    from bnlab.roles import groups_by
 
     skip = set(exclude)
     out = []
     for c in param_columns(df):
-        # Only result fields split groups (bnlab.config.ROLES): the seed is averaged over, extra
+        # Only result fields split groups (bnlab.roles.ROLES): the seed is averaged over, extra
         # fields only add metrics, execution fields say where and how a run executed.
         if c in skip or not groups_by(c):
             continue
@@ -125,13 +125,13 @@ def group_label(row, cols: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------ one run per (group, seed)
 
 COLLAPSE_RULE = ("one run per (config group, seed): the first FINISHED one, else the latest attempt; "
-                 "execution and bookkeeping fields (bnlab.config.ROLES) do not tell runs apart")
+                 "execution and bookkeeping fields (bnlab.roles.ROLES) do not tell runs apart")
 
 
 def identity_columns(runs: pd.DataFrame) -> List[str]:
     """The param columns that identify one (config group, seed): result fields and the seed (by the
     schema's table of roles; a param the schema does not know counts as a result field)."""
-    from bnlab.config import dedup_key
+    from bnlab.roles import dedup_key
 
     skip = RUN_COLUMNS
     return [c for c in runs.columns if c not in skip and not c.startswith((FINAL, "tags.")) and dedup_key(c)]
