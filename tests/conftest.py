@@ -3,6 +3,7 @@ compose API for in-process tests, and a runner for the few tests that start the 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout: README.md, experimen
 # The one place the tests know where the Hydra config tree lives.
 CONF_DIR = ROOT / "bnlab" / "conf"  # the packaged config tree (pkg://bnlab.conf)
 STUDIES = sorted(p.stem for p in (CONF_DIR / "study").glob("*.yaml"))
+
+# A shell without job control starts background commands (`cmd &`, `nohup`) with SIGINT ignored,
+# and a Python process that starts with SIGINT ignored never turns it into KeyboardInterrupt: the
+# Ctrl-C tests would then test nothing. The test process takes Python's own handler, so every
+# console script it starts begins with SIGINT at its default (a caught signal is reset by exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
