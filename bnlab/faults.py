@@ -15,6 +15,10 @@ epochs count from 1 as they are logged. Unset, every ``point()`` returns at once
                               wait for DIR/after_job_J.go (the test breaks something in between)
   kill_after_epoch:E[@J]      SIGKILL this process once epoch E's metrics are written
   sigint_after_epoch:E[@J]    SIGINT this process (Ctrl-C) once epoch E's metrics are written
+  usr2_after_epoch:E[@J]      SIGUSR2 this process once epoch E's metrics and checkpoint are written:
+                              the signal SLURM sends before preemption or a time limit (submitit's
+                              --signal=USR2@signal_delay_s); in a SLURM task submitit's handler
+                              checkpoints and requeues it (outside one, SIGUSR2 ends the process)
   fail_claim_create[@J]       the claim's create_run fails as a store error (MlflowException)
   store_busy:N                the first N store calls of this process are answered "busy" (a
                               server's exhausted connection pool) before they reach the store
@@ -62,6 +66,7 @@ _POINT: Dict[str, Tuple[Tuple[str, ...], bool]] = {
     "pause_after_job": (("job_done",), True),
     "kill_after_epoch": (("epoch_logged",), True),
     "sigint_after_epoch": (("epoch_logged",), True),
+    "usr2_after_epoch": (("epoch_logged",), True),
     "fail_claim_create": (("claim_create",), False),
     "store_busy": (("store_call",), True),
     "claim_race": (("claim_race", "claim_settled"), True),
@@ -214,6 +219,13 @@ def _sigint(f: Fault, point_name: str, ctx) -> None:
         os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt right here
 
 
+def _usr2(f: Fault, point_name: str, ctx) -> None:
+    if _after_epoch(f, ctx):
+        # Python runs the handler (submitit's checkpoint_and_try_requeue) right here, in this
+        # thread, before the next epoch: it requeues the task and exits (SystemExit).
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+
 def _fail_claim(f: Fault, point_name: str, ctx) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -246,6 +258,7 @@ def _race(f: Fault, point_name: str, ctx) -> None:
 
 _ACTIONS: Dict[str, Callable[[Fault, str, dict], None]] = {
     "store_readonly_after_job": _readonly, "store_full_after_job": _full, "pause_after_job": _pause,
-    "kill_after_epoch": _kill, "sigint_after_epoch": _sigint, "fail_claim_create": _fail_claim,
+    "kill_after_epoch": _kill, "sigint_after_epoch": _sigint, "usr2_after_epoch": _usr2,
+    "fail_claim_create": _fail_claim,
     "claim_race": _race, "store_busy": _busy,
 }

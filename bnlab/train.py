@@ -289,8 +289,8 @@ def step_metrics(s: Setup, cfg: Config, val: Tuple[torch.Tensor, torch.Tensor]) 
 
 def after_epoch(epoch: int, job=None, flush=None) -> None:
     """After an epoch's metrics and checkpoint are written: bnlab.faults' named point
-    `epoch_logged` (BNLAB_FAULT=kill_after_epoch:N[@J], sigint_after_epoch:N[@J]); tests of resume
-    also replace this function to interrupt a run in-process."""
+    `epoch_logged` (BNLAB_FAULT=kill_after_epoch:N[@J], sigint_after_epoch:N[@J],
+    usr2_after_epoch:N[@J]); tests of resume also replace this function to interrupt a run in-process."""
     faults.point("epoch_logged", epoch=epoch, job=job, flush=flush)
 
 

@@ -19,9 +19,9 @@ def test_unset_does_nothing(monkeypatch):
 
 
 def test_parsing_several_with_job_selectors(monkeypatch):
-    monkeypatch.setenv(faults.ENV, "kill_after_epoch:2@1, fail_claim_create ,claim_race:2@0")
+    monkeypatch.setenv(faults.ENV, "kill_after_epoch:2@1, fail_claim_create ,claim_race:2@0,usr2_after_epoch:1@0")
     assert faults.active() == (faults.Fault("kill_after_epoch", 2, 1), faults.Fault("fail_claim_create", None, None),
-                               faults.Fault("claim_race", 2, 0))
+                               faults.Fault("claim_race", 2, 0), faults.Fault("usr2_after_epoch", 1, 0))
 
 
 @pytest.mark.parametrize("text, words", [
@@ -77,6 +77,29 @@ def test_the_disk_is_filled_only_on_a_small_file_system(monkeypatch, tmp_path):
     with pytest.raises(faults.FaultError, match="fills only file systems"):
         faults.point("job_done", job=0, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not (tmp_path / faults.FILLER).exists()
+
+
+def test_usr2_after_epoch_runs_the_handler_in_place_after_the_flush(monkeypatch):
+    import signal
+
+    class Preempted(Exception):
+        pass
+
+    def handler(signum, frame):  # as submitit's: it raises (SystemExit) from the signal point
+        raise Preempted(signum)
+
+    monkeypatch.setenv(faults.ENV, "usr2_after_epoch:2@0")
+    flushed = []
+    old = signal.signal(signal.SIGUSR2, handler)
+    try:
+        faults.point("epoch_logged", epoch=1, job=0, flush=lambda: flushed.append(1))  # another epoch
+        faults.point("epoch_logged", epoch=2, job=1, flush=lambda: flushed.append(1))  # another job
+        assert flushed == []
+        with pytest.raises(Preempted):
+            faults.point("epoch_logged", epoch=2, job=0, flush=lambda: flushed.append(2))
+        assert flushed == [2]
+    finally:
+        signal.signal(signal.SIGUSR2, old)
 
 
 RACER = """
