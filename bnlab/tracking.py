@@ -82,14 +82,20 @@ class MlflowTracker:
 
     def take_over(self, run_id: str, tags: Mapping[str, str]) -> str:
         """Claim an interrupted (KILLED) run of this grid point instead of a new one: it turns
-        RUNNING again under this process, and train() resumes it from its last checkpoint."""
+        RUNNING again under this process, and train() resumes it from its last checkpoint. Why it
+        stopped moves from its error tag to `interrupted`: a run that then finishes has no error."""
         from mlflow.entities import RunTag
 
         try:
             self._client = client(self.uri)
+            why = self._client.get_run(run_id).data.tags.get(TAG + "error")
             self._client.update_run(run_id, status="RUNNING")
             ts = {**tags, **owner_tags(), **heartbeat_tag(), TAG + "resumed": f"{time.time():.0f}"}
+            if why:
+                ts[TAG + "interrupted"] = why
             self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in ts.items()])
+            if why:
+                self._client.delete_tag(run_id, TAG + "error")
         except Exception as e:
             raise self._fail("the take-over of an interrupted run", e) from e
         self.run_id, self.resumed = run_id, True

@@ -86,6 +86,8 @@ def test_killed_run_resumes_bit_identical(home, tmp_path, monkeypatch, eval_ever
         {k: v for k, v in final_ref.items() if not k.startswith(TIMING)}  # exact equality
     run = c.get_run(first.run_id)
     assert run.info.status == "FINISHED" and TAG + "resumed" in run.data.tags
+    # why it stopped is kept, but not as an error of a run that finished
+    assert TAG + "error" not in run.data.tags and run.data.tags[TAG + "interrupted"] == "interrupted (Ctrl-C)"
     assert history(c, first.run_id) == history(c, ref.run_id)  # every step once, the same values
     steps = [s for s, _ in history(c, first.run_id)["val/acc"]]
     assert steps == [1, 2, 3]
