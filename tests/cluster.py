@@ -164,7 +164,9 @@ def slurm() -> Iterator[dict]:
     conf = d / "slurm.conf"
     conf.write_text("\n".join([
         "ClusterName=bnlab", "SlurmctldHost=localhost", f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-        "AuthType=auth/munge", f"AuthInfo=socket={sock}", "CredType=cred/munge",
+        # cred_expire (default 120 s) is also how long a requeued job waits before it may start again
+        # (slurm.conf(5)): 20 s keeps the requeue test short and still covers a slow step launch.
+        "AuthType=auth/munge", f"AuthInfo=socket={sock},cred_expire=20", "CredType=cred/munge",
         "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool'}",
         f"SlurmctldPidFile={d / 'slurmctld.pid'}", f"SlurmdPidFile={d / 'slurmd.pid'}",
         f"SlurmctldLogFile={d / 'slurmctld.log'}", f"SlurmdLogFile={d / 'slurmd.log'}",
@@ -173,6 +175,8 @@ def slurm() -> Iterator[dict]:
         "ProctrackType=proctrack/pgid", "TaskPlugin=task/none", "MpiDefault=none", "ReturnToService=2",
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
         "SchedulerType=sched/backfill", "KillWait=5", "InactiveLimit=0", "MinJobAge=30",
+        # submitit requeues a preempted or timed-out task with `scontrol requeue` (1 is the default)
+        "JobRequeue=1",
         "SlurmctldTimeout=30", "SlurmdTimeout=30",
         " ".join(f"{k}={v}" for k, v in node.items()) + " NodeAddr=127.0.0.1 State=UNKNOWN",
         f"PartitionName=debug Nodes={node['NodeName']} Default=YES MaxTime=INFINITE State=UP",

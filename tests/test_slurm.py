@@ -4,8 +4,10 @@ point) count as failed within a bounded time, their runs end KILLED, and the rel
 each in its own run with no duplicate."""
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
+from datetime import datetime
 
 import pytest
 
@@ -77,3 +79,65 @@ def test_killed_tasks_fail_in_bounded_time_and_resume(cluster, home):
     for j in jobs:
         assert "bnlab.resumed" in j.data.tags
         assert [m.step for m in c.get_metric_history(j.info.run_id, "train/loss")] == [1, 2]
+
+
+def _diagnostics(home, c) -> str:
+    """What a failed requeue test needs: submitit's task logs and slurmctld's log (its tail)."""
+    out = []
+    for f in sorted((home / "runs" / "hydra" / "multirun").rglob(".submitit/*/*_log.*")):
+        out.append(f"--- {f.name}\n{f.read_text()[-2500:]}")
+    log = c["dir"] / "slurmctld.log"
+    if log.exists():
+        out.append(f"--- slurmctld.log\n{log.read_text()[-4000:]}")
+    return "\n".join(out)
+
+
+def test_a_preempted_task_is_requeued_and_resumes_its_run(cluster, home, tmp_path):
+    """SIGUSR2 (SLURM's warning before preemption or a time limit) after epoch 1 of job 0: submitit
+    checkpoints and requeues the task, whose next attempt continues the same run from its epoch-1
+    checkpoint and ends where an uninterrupted run of that config ends."""
+    args = ["study=smoke", "seed=0", "train.epochs=3", *launcher_args(cluster)]
+    env = {**cluster["env"], "BNLAB_FAULT": "usr2_after_epoch:1@0"}
+    t0 = time.time()
+    r = cli("bnlab-train", *args, home=home, env=env, timeout=600)
+    wall = time.time() - t0
+    print(f"\n2 array tasks, task 0 preempted (SIGUSR2) after epoch 1: sweep exited {r.returncode} "
+          f"after {wall:.1f} s")
+    why = r.stdout[-3000:] + r.stderr[-3000:] + _diagnostics(home, cluster)
+    assert r.returncode == 0, why
+    assert "2 finished, 0 failed, 0 skipped, 0 diverged" in r.stdout, why
+    c, jobs, parents = jobs_of(home)
+    # every grid point FINISHED exactly once: no second run for the requeued task's config
+    assert sorted(j.info.status for j in jobs) == ["FINISHED"] * 2, why
+    assert len({j.data.tags["bnlab.config_hash"] for j in jobs}) == 2
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    preempted = next(j for j in jobs if j.data.tags["bnlab.job"] == "0")
+    other = next(j for j in jobs if j.data.tags["bnlab.job"] == "1")
+    # job 0 went on in its own run after epoch 1 (the same SLURM task id across the requeue)
+    assert "bnlab.resumed" in preempted.data.tags and "bnlab.resumed" not in other.data.tags, why
+    assert sorted(m.step for m in c.get_metric_history(preempted.info.run_id, "val/acc")) == [1, 2, 3]
+    attempts = [f for f in (home / "runs" / "hydra" / "multirun").rglob(".submitit/*/*_log.out")
+                if f.name.startswith(preempted.data.tags["bnlab.slurm_task"] + "_")]
+    log = "".join(f.read_text() for f in attempts)
+    # submitit's handler requeued it (once), nothing else did; its second attempt ran to the end
+    stamps = re.findall(r"^submitit INFO \((.{23})\) - (Requeued job|Starting with)", log, re.M)
+    assert [what for _, what in stamps] == ["Starting with", "Requeued job", "Starting with"], why
+    assert "bnlab.error" not in preempted.data.tags
+    assert preempted.data.tags["bnlab.interrupted"].startswith("stopped by the scheduler")
+    at = {what: datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t, what in stamps}  # the last of each
+    print(f"requeued task 0 started again {(at['Starting with'] - at['Requeued job']).total_seconds():.1f} s "
+          f"after submitit requeued it")
+
+    # The same grid, uninterrupted, on this machine at the same thread count: bit-identical.
+    ref_home = tmp_path / "ref"
+    ref_home.mkdir()
+    r = cli("bnlab-train", "study=smoke", "seed=0", "train.epochs=3", "train.threads=1", home=ref_home, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rc, ref_jobs, _ = jobs_of(ref_home)
+    ref = {j.data.tags["bnlab.config_hash"]: j for j in ref_jobs}
+    for j in (preempted, other):
+        want = ref[j.data.tags["bnlab.config_hash"]]
+        assert {k: v for k, v in j.data.metrics.items() if not k.startswith("perf/")} == \
+            {k: v for k, v in want.data.metrics.items() if not k.startswith("perf/")}
+        assert sorted((m.step, m.value) for m in c.get_metric_history(j.info.run_id, "val/acc")) == \
+            sorted((m.step, m.value) for m in rc.get_metric_history(want.info.run_id, "val/acc"))
