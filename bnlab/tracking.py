@@ -239,10 +239,14 @@ def finite(x: float) -> bool:
 # The logging process: reads the pickled tracker, then (method, args) pairs from stdin, calls them
 # in order, and answers on its own copy of stdout: ("ready", None) once the tracker is loaded and
 # ("flushed", first error or None) at every "__flush__". It ignores Ctrl-C so that it can still
-# write what was queued; EOF on stdin (the trainer ended or died) ends it.
+# write what was queued; EOF on stdin (the trainer ended or died) ends it. It ignores SIGUSR2 and
+# SIGTERM too: SLURM signals every process of a task (preemption's USR2, then the requeue's TERM),
+# and acting on them is the trainer's part (submitit's handler ends the run KILLED, which first
+# waits for this process to write what was queued); SIGKILL after SLURM's KillWait still ends it.
 _LOG_PROCESS = r"""
 import os, pickle, signal, sys, traceback
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+for s in (signal.SIGINT, signal.SIGUSR2, signal.SIGTERM):
+    signal.signal(s, signal.SIG_IGN)
 inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)  # stray prints go to stderr, not into the protocol
 def send(msg):

@@ -141,6 +141,26 @@ def test_logging_process_writes_every_epoch_in_order(home):
     assert [m.value for m in hist] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
 
 
+def test_the_logging_process_outlives_slurms_preemption_signals(home):
+    # SLURM signals every process of a task: USR2 before preemption, TERM at the requeue. The
+    # logging process leaves them to the trainer and still writes what it is sent.
+    import os
+    import signal
+
+    bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "preempted"), process=True)
+    bt.start({}, {}, "")
+    wait_ready(bt)
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        os.kill(bt._proc.pid, sig)  # handled before it reads what follows
+    for step in (1, 2, 3):
+        bt.log_epoch(step, {"val/acc": 0.1 * step})
+    bt.end("KILLED", "stopped by the scheduler")
+    c, runs = runs_of(home, "unit")
+    (run,) = runs
+    assert run.info.status == "KILLED"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/acc")] == [1, 2, 3]
+
+
 def test_a_failed_write_in_the_logging_process_fails_the_run(home):
     bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "bad-write"), process=True)
     bt.start({}, {}, "")
