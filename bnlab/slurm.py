@@ -5,7 +5,8 @@ that a task died without writing its result (SIGKILL, scancel, a lost node) and 
 here a task that has left the queue (squeue) for BNLAB_SLURM_GRACE_S seconds without a result
 counts as failed, its RUNNING run is ended KILLED, and the sweep goes on to its count and exit 1.
 Preemption and time limits keep submitit's checkpoint/requeue (max_num_timeout): the requeued task
-resumes its run from the last complete epoch (bnlab.sweep, bnlab.checkpoint)."""
+resumes its run from the last complete epoch (bnlab.sweep, bnlab.checkpoint); it stays in the queue
+meanwhile (pending for SLURM's cred_expire, 120 s by default), so the bounded wait never counts it."""
 from __future__ import annotations
 
 import logging
