@@ -40,6 +40,13 @@ def resolve_device(d: Device) -> torch.device:
     return torch.device(d.value)
 
 
+def device_name(d: torch.device) -> str:
+    """What a run ran on, for its tag bnlab.device_used and the report: 'cpu', 'cuda (NVIDIA H200)'."""
+    if d.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(d)})"
+    return d.type
+
+
 # Step-level metrics (train.eval_every) carry this prefix and MLflow step = global SGD step;
 # epoch-level metrics have no prefix and MLflow step = epoch. One name, one meaning: step/val/acc is
 # val/acc measured after that many SGD steps (on train.eval_subset examples, if set).
@@ -319,6 +326,7 @@ def train(cfg: Config, tracker=None, *, data: Optional[Dataset] = None,
         else:
             t.end("FAILED", "".join(traceback.format_exception_only(type(e), e)).strip())
         raise
+    tags[TAG + "device_used"] = device_name(s.device)  # train.device may say auto: what it became
     # On CUDA an epoch takes tens of ms and one store write several: write from a logging process.
     # On CPU an epoch takes seconds and a write is under 0.1% of it: synchronous is cheapest.
     tracker = BackgroundTracker(tracker or NullTracker(), process=s.device.type == "cuda")

@@ -363,3 +363,40 @@ def test_config_dir_with_hydras_own_flags_on_the_real_command_line(project, tmp_
     r = run_cli("bnlab-train", *args, home=project, cwd=project, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "experiment: mystudy" in r.stdout and not (project / "runs").exists()
+
+
+def test_a_run_records_the_device_it_ran_on_and_the_report_says_it():
+    import pandas as pd
+    import torch
+
+    from bnlab.analysis.report import devices_text
+    from bnlab.config import Config, DataConfig, DataName, TrainConfig
+    from bnlab.train import device_name, train
+
+    class Tags:
+        def __init__(self):
+            self.tags = {}
+
+        def start(self, params, tags, config_text):
+            self.tags.update(tags)
+
+        def log_epoch(self, step, metrics):
+            pass
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+        def end(self, status, error=None):
+            pass
+
+    t = Tags()
+    cfg = Config(data=DataConfig(name=DataName.synthetic, synthetic_train=64, synthetic_val=32, batch_size=32),
+                 train=TrainConfig(epochs=1, threads=1, bs1_samples=0, progress=False))
+    cfg.__post_init__()
+    train(cfg, t)  # train.device=auto: on this machine's CPU build, cpu
+    assert t.tags["bnlab.device_used"] == device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    runs = pd.DataFrame({"tags.bnlab.device_used": ["cpu", "cpu", "cuda (NVIDIA H200)", None],
+                         "tags.bnlab.train.device": ["auto", "cpu", "cuda", "auto"]})
+    text = devices_text(runs)
+    assert "cpu (2 runs)" in text and "cuda (NVIDIA H200) (1 run)" in text
+    assert "not recorded (train.device=auto) (1 run)" in text

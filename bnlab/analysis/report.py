@@ -75,6 +75,17 @@ def commits_text(runs: pd.DataFrame) -> str:
                      for (sha, state), n in counts.items())
 
 
+def devices_text(runs: pd.DataFrame) -> str:
+    """What the runs ran on (tag bnlab.device_used), with counts; runs made before bnlab recorded it
+    show the device they asked for (train.device, e.g. auto) as such."""
+    if runs.empty:
+        return "unknown"
+    used = runs["tags.bnlab.device_used"] if "tags.bnlab.device_used" in runs else pd.Series(None, index=runs.index)
+    asked = runs["tags.bnlab.train.device"] if "tags.bnlab.train.device" in runs else pd.Series(None, index=runs.index)
+    text = used.where(used.notna(), "not recorded (train.device=" + asked.fillna("?").astype(str) + ")")
+    return "; ".join(f"{name} ({n} {_runs(n)})" for name, n in text.value_counts().items())
+
+
 def _runs(n: int) -> str:
     return "run" if n == 1 else "runs"
 
@@ -170,6 +181,7 @@ def report_study(study: str, uri: str, out: Path, log=print, force: bool = False
     lines += [f"- Runs: {runs_text(runs)}",
               f"- Reproduce: {reproduce_text(study)}",
               f"- Code: {commits_text(runs)}",
+              f"- Device: {devices_text(runs)}",
               f"- Store: `{store_text(uri)}`, report generated {time.strftime('%Y-%m-%d %H:%M %Z')}",
               f"- Summary per config group: [{study}/summary.csv]({study}/summary.csv)",
               f"- Verdicts: {'anytime-valid confidence sequence (seeds added in rounds)' if method == V.SEQUENTIAL else 'fixed-n t-interval (seeds fixed in advance)'}"
