@@ -182,8 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     bound = db_pool_env(store, env)
     if bound:
-        print(f"bnlab-ui: at most {bound * a.workers} database connections ({a.workers} workers x pool "
-              f"{env[POOL_SIZE]} + overflow {env[MAX_OVERFLOW]})", flush=True)
+        print(f"bnlab-ui: runs write through at most {bound * a.workers} database connections ({a.workers} "
+              f"workers x pool {env[POOL_SIZE]} + overflow {env[MAX_OVERFLOW]}), beside the few the server "
+              f"opens at start-up", flush=True)
     url = base_url(a.host, a.port)
     print(f"bnlab-ui: starting the MLflow UI on {url} over {store} ...", flush=True)
     # Its own session and process group: a terminal's Ctrl-C reaches only this process, which then
