@@ -201,6 +201,15 @@ def run_description(cfg: Config) -> str:
 
 # ---------------------------------------------------------------------------------------- tags
 
+def _git(root: Path, *args: str) -> Optional[str]:
+    """`git -C ROOT ARGS`'s output, stripped; None when git is missing or fails."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 @functools.lru_cache(maxsize=1)
 def code_root() -> Optional[Path]:
     """The git checkout bnlab runs from (an editable install), or None: an installed wheel lives in
@@ -209,29 +218,26 @@ def code_root() -> Optional[Path]:
     root = Path(__file__).resolve().parents[1]
     if not (root / "pyproject.toml").is_file():
         return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    top = out.stdout.strip()
-    return root if out.returncode == 0 and top and Path(top).resolve() == root else None
+    top = _git(root, "rev-parse", "--show-toplevel")
+    return root if top and Path(top).resolve() == root else None
 
 
+# The commit and the dirty flag are read once a process: the code that runs is what it imported.
 @functools.lru_cache(maxsize=1)
 def code_commit() -> Optional[str]:
     """The git commit of the code that runs (bnlab's checkout; None for an installed package).
     Not the project folder's: the store may live anywhere, the code is what the commit identifies."""
     root = code_root()
-    if root is None:
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else None
+    sha = _git(root, "rev-parse", "HEAD") if root is not None else None
+    return sha if sha and len(sha) == 40 else None
+
+
+@functools.lru_cache(maxsize=1)
+def code_dirty() -> Optional[bool]:
+    """Whether bnlab's checkout has changes to tracked files (None: no checkout, or git failed)."""
+    root = code_root()
+    status = _git(root, "status", "--porcelain", "--untracked-files=no") if root is not None else None
+    return None if status is None else bool(status)
 
 
 def standard_tags(source: str) -> Dict[str, str]:

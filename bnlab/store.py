@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -221,20 +220,13 @@ def git_info() -> Dict[str, str]:
     """The code that runs: bnlab's version, and the commit and dirty flag of the git checkout bnlab
     is installed from (editable), 'unknown' for an installed wheel or sdist."""
     from bnlab import __version__
-    from bnlab.describe import code_root
+    from bnlab.describe import code_commit, code_dirty, code_root
 
-    home = code_root()
-    if home is None:
+    if code_root() is None:
         return {TAG + "version": __version__, TAG + "git_commit": "unknown", TAG + "git_dirty": "unknown"}
-    try:
-        sha = subprocess.run(["git", "-C", str(home), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(home), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha, dirty = "", ""
-    return {TAG + "version": __version__, TAG + "git_commit": sha or "unknown",
-            TAG + "git_dirty": str(bool(dirty)).lower()}
+    dirty = code_dirty()
+    return {TAG + "version": __version__, TAG + "git_commit": code_commit() or "unknown",
+            TAG + "git_dirty": "unknown" if dirty is None else str(dirty).lower()}
 
 
 def owner_tags() -> Dict[str, str]:
