@@ -116,12 +116,58 @@ def run_job(*overrides: str):
 
 
 def main_exit(main, *args: str) -> int:
-    """A console script's main(argv) in this process; its exit status (0 when it returns)."""
+    """A console script's main(argv) in this process; its exit status (what it returns, as the
+    console script's sys.exit(main()) makes it: 0 for None)."""
     try:
-        main(list(args))
+        rc = main(list(args))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    return rc if isinstance(rc, int) else 0
+
+
+def _script_main(script: str):
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == script]
+    return ep.load()
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """cli()'s twin in this process: the console script's main (the entry point the package
+    declares) with the same arguments, BNLAB_HOME, working folder and extra environment (a
+    PYTHONPATH in `env` goes on sys.path). A CompletedProcess with its exit status and what it
+    printed. The environment, sys.path, sys.argv, the working folder and the modules imported from
+    the extra PYTHONPATH are restored after each call. For tests of what a run does, not of what a
+    process does (signals, kills, concurrency, start-up): those use cli()."""
+
+    def run(script: str, *args: str, home: Path, timeout: float = 600, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        main = _script_main(script)
+        extra = {**(env or {})}
+        paths = [p for p in extra.pop("PYTHONPATH", "").split(os.pathsep) if p]
+        saved = (dict(os.environ), list(sys.path), list(sys.argv), os.getcwd(), set(sys.modules))
+        capsys.readouterr()  # what the test printed before is not this call's
+        try:
+            os.environ.update({"BNLAB_HOME": str(home), **extra})
+            sys.path[:0] = paths
+            sys.argv = [script, *args]
+            os.chdir(cwd or home)
+            code = main_exit(main, *args)
+        finally:
+            environ, path, argv, where, modules = saved
+            os.environ.clear()
+            os.environ.update(environ)
+            sys.path[:], sys.argv[:] = path, argv
+            os.chdir(where)
+            for name in set(sys.modules) - modules:  # a test's own model module, e.g. faultynet
+                f = getattr(sys.modules[name], "__file__", None) or ""
+                if any(f.startswith(p) for p in paths):
+                    del sys.modules[name]
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture
@@ -239,3 +285,46 @@ def study_store(tmp_path_factory):
         else:
             os.environ["BNLAB_HOME"] = old
     return f"sqlite:///{home / 'runs' / 'mlflow.db'}", home, counts
+
+
+# ----------------------------------------------------------------------------- pytest-xdist
+
+# `make test` runs the suite on several pytest-xdist workers. The tests of these modules share an
+# expensive module- or session-scoped fixture (a SLURM cluster; a PostgreSQL server and its
+# bnlab-ui; a served smoke store; the study store; the analysis store): each module runs on one
+# worker, so its fixture is built once, not once per worker. Every other test is scheduled alone.
+ONE_WORKER = ("test_slurm.py", "test_postgres.py", "test_ui.py", "test_report_dynamics.py", "test_analysis.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist load with the ONE_WORKER modules as single work units (pytest-xdist's own loadgroup
+    marks are not read under pytest 9: it renames items through an attribute pytest 9 dropped)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # the collection's order: see below
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path.rsplit("/", 1)[-1] in ONE_WORKER else nodeid
+
+    return Scheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the longest work goes first and the in-process tests fill the end (a
+    stable sort: the order within each kind stays the collection's): the one-worker modules, then
+    the cluster and subprocess tests, then the rest."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def kind(item):
+        if item.path.name in ONE_WORKER:
+            return 0
+        return 1 if item.get_closest_marker("cluster") or item.get_closest_marker("subprocess") else 2
+
+    items.sort(key=kind)

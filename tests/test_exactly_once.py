@@ -122,12 +122,11 @@ def _hash_of(*overrides: str) -> str:
     return config_hash(bcli.validate_job(job))
 
 
-@pytest.mark.subprocess
-def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
+def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home, run_cli):
     args = ["study=smoke", "seed=0", "bn.update_stats=true", *FAST]
     h = _hash_of(*args)
     live = _fake_claim(home, h, time.time())
-    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
+    r = run_cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"is being trained by run {live} (host another-host, pid 1)" in r.stdout + r.stderr
     assert "0 finished, 0 failed, 1 skipped, 0 diverged" in r.stdout
@@ -135,7 +134,7 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     c, _ = runs_of(home, "smoke")
     stale = time.time() - 2 * 86400
     c.set_tag(live, "bnlab.heartbeat", f"{stale:.0f}")
-    r = cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
+    r = run_cli("bnlab-train", *args, home=home, env={"BNLAB_CLAIM_TIMEOUT_S": "86400"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1 finished, 0 failed, 0 skipped, 0 diverged" in r.stdout
     c, runs = runs_of(home, "smoke")
@@ -146,18 +145,17 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home):
     assert float(fin[0].data.tags["bnlab.heartbeat"]) > stale + 86400  # its own, fresh heartbeat
 
 
-@pytest.mark.subprocess
-def test_the_report_counts_each_config_hash_once(home, tmp_path):
+def test_the_report_counts_each_config_hash_once(home, tmp_path, run_cli):
     # tracking.resume=false trains every grid point again: the store now holds duplicates, as
     # stores written by two concurrent sweeps before claims existed do
     for _ in range(2):
-        r = cli("bnlab-train", "study=smoke", "tracking.resume=false", *FAST, home=home)
+        r = run_cli("bnlab-train", "study=smoke", "tracking.resume=false", *FAST, home=home)
         assert r.returncode == 0, r.stderr[-2000:]
     from bnlab.analysis.runs import load_runs
 
     runs = load_runs("smoke", store_uri(home))
     assert len(runs) == 4 and runs["config_hash"].is_unique and runs.attrs["duplicates"] == 4
-    r = cli("bnlab-report", "study=smoke", f"out={tmp_path / 'rep'}", home=home)
+    r = run_cli("bnlab-report", "study=smoke", f"out={tmp_path / 'rep'}", home=home)
     assert r.returncode == 0, r.stderr[-2000:]
     section = (tmp_path / "rep" / "smoke" / "section.md").read_text()
     assert "4 runs, 4 used in the means" in section

@@ -56,12 +56,11 @@ def _parents(runs):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
-@pytest.mark.subprocess
-def test_a_failing_grid_point_is_counted_recorded_and_retried(home):
+def test_a_failing_grid_point_is_counted_recorded_and_retried(home, run_cli):
     args = ["-m", "model=custom", "model.target=faultynet:good,faultynet:bad", *SMALL, "train.epochs=1",
             "tracking.experiment=fail", *FAST]
     env = _faulty(home)
-    r = cli("bnlab-train", *args, home=home, env=env)
+    r = run_cli("bnlab-train", *args, home=home, env=env)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "bnlab-train: 1 finished, 1 failed, 0 skipped, 0 diverged" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
@@ -75,16 +74,15 @@ def test_a_failing_grid_point_is_counted_recorded_and_retried(home):
     assert parent.data.tags["bnlab.jobs_finished"] == "1" and parent.data.tags["bnlab.jobs_failed"] == "1"
     assert parent.data.tags["bnlab.summary"].startswith("1 finished, 1 failed, 0 skipped, 0 diverged")
     # resume: the finished point is skipped, the failed one tried again (and fails again)
-    r = cli("bnlab-train", *args, home=home, env=env)
+    r = run_cli("bnlab-train", *args, home=home, env=env)
     assert r.returncode == 1
     assert "bnlab-train: 0 finished, 1 failed, 1 skipped, 0 diverged" in r.stdout
     _, runs = runs_of(home, "fail")
     assert sorted(k.info.status for k in _kids(runs)) == ["FAILED", "FAILED", "FINISHED"]
 
 
-@pytest.mark.subprocess
-def test_a_model_that_cannot_be_built_is_refused_up_front(home):
-    r = cli("bnlab-train", "data=synthetic", "model=mlp", f"model.hidden={HUGE}", "tracking.experiment=one", *FAST,
+def test_a_model_that_cannot_be_built_is_refused_up_front(home, run_cli):
+    r = run_cli("bnlab-train", "data=synthetic", "model=mlp", f"model.hidden={HUGE}", "tracking.experiment=one", *FAST,
             home=home)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -92,9 +90,8 @@ def test_a_model_that_cannot_be_built_is_refused_up_front(home):
     assert not (home / "runs" / "mlflow.db").exists()
 
 
-@pytest.mark.subprocess
-def test_a_single_run_failing_in_training_leaves_a_failed_run(home):
-    r = cli("bnlab-train", "model=custom", "model.target=faultynet:bad", *SMALL, "tracking.experiment=one", *FAST,
+def test_a_single_run_failing_in_training_leaves_a_failed_run(home, run_cli):
+    r = run_cli("bnlab-train", "model=custom", "model.target=faultynet:bad", *SMALL, "tracking.experiment=one", *FAST,
             home=home, env=_faulty(home))
     assert r.returncode == 1
     _, runs = runs_of(home, "one")
@@ -103,10 +100,9 @@ def test_a_single_run_failing_in_training_leaves_a_failed_run(home):
     assert run.data.params["model.target"] == "faultynet:bad"  # the config is recorded with the failure
 
 
-@pytest.mark.subprocess
-def test_a_finite_exploding_loss_is_a_divergence(home):
+def test_a_finite_exploding_loss_is_a_divergence(home, run_cli):
     # the sigmoid LeNet at lr 1e6: the loss stays finite (millions) but the run learns nothing
-    r = cli("bnlab-train", "-m", "data=synthetic", "optim.lr=1e6,0.5", "train.epochs=2",
+    r = run_cli("bnlab-train", "-m", "data=synthetic", "optim.lr=1e6,0.5", "train.epochs=2",
             "tracking.experiment=div", *FAST, home=home)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bnlab-train: 1 finished, 0 failed, 0 skipped, 1 diverged" in r.stdout
@@ -126,12 +122,11 @@ def test_a_finite_exploding_loss_is_a_divergence(home):
     assert n_div == 1 and list(ok["optim.lr"]) == [0.5]
 
 
-@pytest.mark.subprocess
-def test_the_report_keeps_a_richer_section_unless_forced(home, tmp_path):
+def test_the_report_keeps_a_richer_section_unless_forced(home, tmp_path, run_cli):
     out = tmp_path / "results"
-    r = cli("bnlab-train", "study=smoke", *FAST, home=home)
+    r = run_cli("bnlab-train", "study=smoke", *FAST, home=home)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = cli("bnlab-report", "study=smoke", f"out={out}", home=home)
+    r = run_cli("bnlab-report", "study=smoke", f"out={out}", home=home)
     assert r.returncode == 0, r.stderr[-2000:]
     report = (out / "REPORT.md").read_text()
     assert "4 used in the means" in report
@@ -140,35 +135,33 @@ def test_the_report_keeps_a_richer_section_unless_forced(home, tmp_path):
     # another store where every smoke run FAILED
     other = tmp_path / "other"
     other.mkdir()
-    r = cli("bnlab-train", "study=smoke", "model=custom", "model.target=faultynet:bad", *FAST, home=other,
+    r = run_cli("bnlab-train", "study=smoke", "model=custom", "model.target=faultynet:bad", *FAST, home=other,
             env=_faulty(other))
     assert r.returncode == 1
     assert "0 finished, 4 failed" in r.stdout
-    r = cli("bnlab-report", "study=smoke", f"out={out}", home=other)
+    r = run_cli("bnlab-report", "study=smoke", f"out={out}", home=other)
     assert r.returncode == 1
     assert "kept" in r.stderr and "--force" in r.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # written elsewhere: works
-    r = cli("bnlab-report", "study=smoke", f"out={tmp_path / 'elsewhere'}", home=other)
+    r = run_cli("bnlab-report", "study=smoke", f"out={tmp_path / 'elsewhere'}", home=other)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "0 used in the means" in (tmp_path / "elsewhere" / "smoke" / "section.md").read_text()
     # asked explicitly
-    r = cli("bnlab-report", "study=smoke", f"out={out}", "--force", home=other)
+    r = run_cli("bnlab-report", "study=smoke", f"out={out}", "--force", home=other)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 runs, 0 used in the means" in (out / "smoke" / "section.md").read_text()
 
 
-@pytest.mark.subprocess
-def test_report_of_an_unknown_study_exits_non_zero_with_the_list(home):
-    r = cli("bnlab-report", "study=doesnotexist", home=home)
+def test_report_of_an_unknown_study_exits_non_zero_with_the_list(home, run_cli):
+    r = run_cli("bnlab-report", "study=doesnotexist", home=home)
     assert r.returncode == 2
     assert "doesnotexist" in r.stderr and "smoke" in r.stderr and "update_ops" in r.stderr
     assert not (home / "results").exists()
 
 
-@pytest.mark.subprocess
-def test_help_of_the_report_mentions_force(home):
-    r = cli("bnlab-report", "--help", home=home)
+def test_help_of_the_report_mentions_force(home, run_cli):
+    r = run_cli("bnlab-report", "--help", home=home)
     assert r.returncode == 0 and "--force" in r.stdout
     assert not Path(home / "results").exists()
 

@@ -23,9 +23,8 @@ def parents(runs):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
-@pytest.mark.subprocess
-def test_smoke_sequential_groups_runs_and_resume_skips_finished(home):
-    r = cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
+def test_smoke_sequential_groups_runs_and_resume_skips_finished(home, run_cli):
+    r = run_cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "4 job(s) validated" in r.stdout
     _, runs = runs_of(home, "smoke")
@@ -38,7 +37,7 @@ def test_smoke_sequential_groups_runs_and_resume_skips_finished(home):
     assert {k.data.tags["bnlab.seed"] for k in kids} == {"0", "1"}
     assert {k.info.run_name for k in kids} == {f"update={u} s={s}" for u in ("on", "off") for s in (0, 1)}
     # relaunch: every grid point already has a FINISHED run, so nothing is trained again
-    r2 = cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
+    r2 = run_cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stderr.count("skipped: config") + r2.stdout.count("skipped: config") == 4
     _, runs2 = runs_of(home, "smoke")
@@ -129,9 +128,8 @@ def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
     assert parent.info.status == "KILLED"
 
 
-@pytest.mark.subprocess
-def test_a_diverged_run_does_not_stop_the_sweep(home):
-    r = cli("bnlab-train", "-m", "data=synthetic", "model=mlp", "bn.placement=none", "optim.lr=1e30,0.1,1e36",
+def test_a_diverged_run_does_not_stop_the_sweep(home, run_cli):
+    r = run_cli("bnlab-train", "-m", "data=synthetic", "model=mlp", "bn.placement=none", "optim.lr=1e30,0.1,1e36",
             "train.epochs=2", "tracking.experiment=div", *FAST, home=home, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     _, runs = runs_of(home, "div")
