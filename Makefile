@@ -24,14 +24,17 @@ study: setup  ## the default study on the real Fashion-MNIST, then its figures i
 	$(BIN)/bnlab-train study=$(STUDY)
 	$(BIN)/bnlab-report study=$(STUDY)
 
-# Everything (what CI runs), with the 15 slowest tests listed. pytest's exit 5 (no test collected)
+# Everything (what CI runs), on TEST_WORKERS pytest-xdist workers (one more than the CPUs: the
+# cluster tests spend much of their time waiting on SLURM and servers), with the 15 slowest tests
+# listed. TEST_WORKERS=0 runs the suite in this one process. pytest's exit 5 (no test collected)
 # fails too, with a line that says so.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: setup
-	$(BIN)/python -m pytest -q --durations=15 || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
 
 # In-process tests only: no real data, no torch.compile, no console-script or server processes.
 test-fast: setup
-	$(BIN)/python -m pytest -q --durations=15 -m "not slow and not subprocess and not cluster"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not slow and not subprocess and not cluster"
 
 report: setup
 	$(BIN)/bnlab-report
