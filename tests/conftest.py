@@ -139,7 +139,8 @@ def run_cli(capsys):
     PYTHONPATH in `env` goes on sys.path). A CompletedProcess with its exit status and what it
     printed. The environment, sys.path, sys.argv, the working folder and the modules imported from
     the extra PYTHONPATH are restored after each call. For tests of what a run does, not of what a
-    process does (signals, kills, concurrency, start-up): those use cli()."""
+    process does (signals, kills, concurrency, start-up): those use cli(). (`timeout` is cli()'s
+    and not applied here: an in-process call cannot be stopped from outside.)"""
 
     def run(script: str, *args: str, home: Path, timeout: float = 600, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
@@ -171,20 +172,16 @@ def run_cli(capsys):
 
 
 @pytest.fixture
-def train_cmd(home, monkeypatch, capsys):
-    """bnlab-train's main in this process: (exit status, stdout, stderr); the environment and
-    sys.argv it sets are restored afterwards."""
-    from bnlab import cli as bcli
+def train_cmd(home, monkeypatch, run_cli):
+    """bnlab-train in this process (run_cli) in `home`: (exit status, stdout, stderr)."""
     from bnlab.store import HTTP_ENV
 
     for k in HTTP_ENV:
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(sys, "argv", ["bnlab-train"])
 
     def run(*args: str):
-        code = main_exit(bcli.train_main, *args)
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        r = run_cli("bnlab-train", *args, home=home)
+        return r.returncode, r.stdout, r.stderr
 
     return run
 
