@@ -13,7 +13,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import pytest
 
@@ -82,19 +82,53 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def pg_connections(uri: str) -> int:
-    """Connections to the database of `uri` other than this one (pg_stat_activity)."""
-    import psycopg
+def process_tree(root: int) -> List[int]:
+    """`root` and its live descendants (from /proc/*/stat)."""
+    children: dict = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
 
-    with psycopg.connect(uri) as conn, conn.cursor() as cur:
-        cur.execute("select count(*) from pg_stat_activity where datname = current_database() "
-                    "and pid <> pg_backend_pid()")
-        return int(cur.fetchone()[0])
+
+def db_connections(pids: Iterable[int], db_port: int) -> dict:
+    """{pid: its ESTABLISHED TCP connections to port `db_port`} for each of `pids`, counted on the
+    client side (each process's socket fds against /proc/net/tcp): pg_stat_activity would also count
+    other clients' connections and a closed one whose backend has not exited yet."""
+    ours = set()  # the inodes of the sockets to db_port (this machine's one network namespace)
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()  # f[2]: remote address:port (hex), f[3]: state (01 = ESTABLISHED), f[9]: inode
+            if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == db_port:
+                ours.add(f"socket:[{f[9]}]")
+    counts = {}
+    for pid in pids:
+        n = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    n += os.readlink(f"/proc/{pid}/fd/{fd}") in ours
+                except OSError:
+                    pass  # closed meanwhile
+        except OSError:
+            continue  # the process went away
+        counts[pid] = n
+    return counts
 
 
 @contextmanager
-def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterator[str]:
-    """`bnlab-ui --backend-store-uri STORE` on a free loopback port; yields its URL once it answers."""
+def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterator[tuple]:
+    """`bnlab-ui --backend-store-uri STORE` on a free loopback port; yields (its URL, its pid) once it
+    answers."""
 
     port = free_port()
     # The server's log goes to a file: a pipe nobody reads fills up (64 KB of access log lines under
@@ -111,7 +145,7 @@ def bnlab_ui(store: str, workers: int = 4, env: Optional[dict] = None) -> Iterat
         if why:
             logf.seek(0)
             raise RuntimeError(f"bnlab-ui did not start ({why}): " + logf.read()[-3000:])
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
