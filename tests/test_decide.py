@@ -196,18 +196,31 @@ def _trained(home, status: str = "FINISHED") -> list:
             if r.data.tags.get("bnlab.role") == "job" and r.info.status == status]
 
 
-@pytest.mark.subprocess
-def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home):
+def _rounds_in_this_process(run_cli, home):
+    """launch_sweep's round (the bnlab-train command line bnlab-decide builds) run in this process:
+    what the rounds decide does not depend on processes; the Ctrl-C test below runs bnlab-decide and
+    its sweeps as processes."""
+
+    def launch(plan, seeds):
+        cmd = D.sweep_command(plan, seeds)
+        assert cmd[:2] == [sys.executable, "-c"]
+        return run_cli("bnlab-train", *cmd[3:], home=home).returncode
+
+    return launch
+
+
+@pytest.mark.slow
+def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home, run_cli):
     plan = D.parse_args(["study=smoke", "max_seeds=12", "seeds_per_round=3", *SMOKE])
-    launched = []
+    launched, launch_sweep = [], _rounds_in_this_process(run_cli, home)
 
     def launch_then_stop(plan_, seeds):
         """Round 2 is interrupted after its first seed trained (a named step, not a timing window)."""
         launched.append(list(seeds))
         if seeds[0] == 3:
-            assert D.launch_sweep(plan_, seeds[:1]) == 0
+            assert launch_sweep(plan_, seeds[:1]) == 0
             raise KeyboardInterrupt
-        return D.launch_sweep(plan_, seeds)
+        return launch_sweep(plan_, seeds)
 
     lines = []
     with pytest.raises(KeyboardInterrupt):
@@ -218,7 +231,7 @@ def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home
 
     def launch(plan_, seeds):
         launched.append(list(seeds))
-        return D.launch_sweep(plan_, seeds)
+        return launch_sweep(plan_, seeds)
 
     lines = []
     out = D.decide(plan, evaluate=_train_acc_claim, launch=launch, out=lines.append)
@@ -244,10 +257,11 @@ def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home
     assert D.summary("gamma_beta", store_uri(home)) is None
 
 
-@pytest.mark.subprocess
-def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home):
+@pytest.mark.slow
+def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home, run_cli):
     plan = D.parse_args(["study=smoke", "max_seeds=2", "seeds_per_round=2", *SMOKE])
-    out = D.decide(plan, evaluate=_never_decided, out=lambda line: None)
+    out = D.decide(plan, evaluate=_never_decided, launch=_rounds_in_this_process(run_cli, home),
+                   out=lambda line: None)
     assert out.stopped == D.STOP_SEEDS and out.rounds_trained == 1
     assert sorted(_runs(home)["seed"]) == [0, 0, 1, 1]
     # More seeds allowed, but the time already spent (recorded in the store) exceeds max_minutes.
@@ -283,7 +297,7 @@ def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 130, (rest[-1500:], err[-3000:])
     assert "interrupted; rerun the same command to resume" in err
     first = _runs(home)
     round1 = set(first.loc[first["seed"].isin([0, 1]) & first["status"].eq("FINISHED"), "run_id"])

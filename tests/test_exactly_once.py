@@ -73,8 +73,8 @@ def test_two_sweeps_at_once_on_a_fresh_store(home):
 
 
 @pytest.mark.subprocess
-def test_two_sweeps_at_once_on_an_existing_store(home):
-    r = cli("bnlab-train", "-m", "data=synthetic", "train.epochs=1", "tracking.experiment=smoke", *FAST, home=home)
+def test_two_sweeps_at_once_on_an_existing_store(home, run_cli):
+    r = run_cli("bnlab-train", "-m", "data=synthetic", "train.epochs=1", "tracking.experiment=smoke", *FAST, home=home)
     assert r.returncode == 0, r.stderr[-2000:]
     codes, outs = _two_at_once(home, ["study=smoke", "seed=0,1,2", "hydra/launcher=joblib",
                                       "hydra.launcher.n_jobs=2", *FAST])

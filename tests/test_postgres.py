@@ -15,7 +15,7 @@ import pytest
 
 from bnlab.ui import db_pool_env
 from cluster import bnlab_ui, db_connections, postgres, process_tree
-from conftest import cli, runs_of
+from conftest import runs_of
 
 pytestmark = pytest.mark.cluster
 
@@ -42,9 +42,9 @@ def _server_processes(root: int) -> tuple:
     return tree, [p for p in tree if b"multiprocessing.spawn" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-def test_a_sweep_logs_through_postgres(pg_server, home):
+def test_a_sweep_logs_through_postgres(pg_server, home, run_cli):
     db, url, _ = pg_server
-    r = cli("bnlab-train", "study=smoke", "train.threads=1", f"tracking.uri={url}", home=home, timeout=600)
+    r = run_cli("bnlab-train", "study=smoke", "train.threads=1", f"tracking.uri={url}", home=home)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "4 finished, 0 failed, 0 skipped" in r.stdout
     c, runs = runs_of(home, "smoke", uri=db)  # read straight from the database

@@ -129,7 +129,7 @@ def test_capture_restore_roundtrip_restores_every_rng():
 FAST = ["train.threads=1", "train.epochs=3", "data.synthetic_train=256", "hydra.job.chdir=false"]
 
 
-def test_sigkilled_sweep_resumes_the_same_run(home):
+def test_sigkilled_sweep_resumes_the_same_run(home, run_cli):
     """A real SIGKILL at a named step (after epoch 1 of the first job), then a relaunch: the
     killed grid point continues in its own run; every grid point FINISHED once."""
     args = ["study=smoke", "seed=0", *FAST]
@@ -139,7 +139,7 @@ def test_sigkilled_sweep_resumes_the_same_run(home):
     jobs = [x for x in runs if x.data.tags.get(TAG + "role") == "job"]
     assert len(jobs) == 1 and jobs[0].info.status == "RUNNING"
     killed = jobs[0].info.run_id
-    r = cli("bnlab-train", *args, home=home)
+    r = run_cli("bnlab-train", *args, home=home)  # the relaunch: what a run does, in this process
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 finished, 0 failed, 0 skipped" in r.stdout
     c, runs = runs_of(home, "smoke")

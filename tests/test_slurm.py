@@ -37,7 +37,7 @@ def jobs_of(home):
         [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
-def test_a_study_through_slurm(cluster, home, tmp_path):
+def test_a_study_through_slurm(cluster, home, tmp_path, run_cli):
     t0 = time.time()
     r = cli("bnlab-train", "study=smoke", *launcher_args(cluster), home=home, env=cluster["env"], timeout=600)
     wall = time.time() - t0
@@ -50,7 +50,7 @@ def test_a_study_through_slurm(cluster, home, tmp_path):
     assert all(j.data.tags.get("bnlab.slurm_task") for j in jobs)  # each ran as an array task
     assert [p.info.status for p in parents] == ["FINISHED"]
     out = tmp_path / "report"
-    r = cli("bnlab-report", "study=smoke", f"out={out}", home=home, timeout=600)
+    r = run_cli("bnlab-report", "study=smoke", f"out={out}", home=home)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     md = (out / "REPORT.md").read_text()
     assert "smoke" in md and list(out.rglob("*.png"))

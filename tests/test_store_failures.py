@@ -44,9 +44,14 @@ def _env(home: Path, fault: str = "", fault_dir: Path | None = None) -> dict:
     return env
 
 
-def _train(home: Path, args, fault: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bnlab-train"), *args], cwd=str(home), env=_env(home, fault),
-                          capture_output=True, text=True, timeout=600)
+def _train(run_cli, home: Path, args, fault: str = "", process: bool = False) -> subprocess.CompletedProcess:
+    """bnlab-train in this process (run_cli), or with process=True in its own: a sweep that the
+    broken store leaves with a RUNNING run must be a process that then ends, as a user's does (a
+    relaunch ends the runs of a dead process, not its own)."""
+    if process:
+        return subprocess.run([str(BIN / "bnlab-train"), *args], cwd=str(home), env=_env(home, fault),
+                              capture_output=True, text=True, timeout=600)
+    return run_cli("bnlab-train", *args, home=home, env={faults.ENV: fault})
 
 
 def _check_stopped(rc: int, out: str) -> str:
@@ -66,8 +71,8 @@ def _jobs(home: Path, uri: str):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "job"]
 
 
-def _relaunch_trains_the_rest(home: Path, uri: str | None) -> None:
-    r = _train(home, [*SWEEP, *([f"tracking.uri={uri}"] if uri else [])])
+def _relaunch_trains_the_rest(run_cli, home: Path, uri: str | None) -> None:
+    r = _train(run_cli, home, [*SWEEP, *([f"tracking.uri={uri}"] if uri else [])])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "bnlab-train: 3 finished, 0 failed, 1 skipped, 0 diverged" in r.stdout, r.stdout[-2000:]
     fin = Counter(k.data.tags["bnlab.config_hash"] for k in _jobs(home, uri) if k.info.status == "FINISHED")
@@ -76,12 +81,12 @@ def _relaunch_trains_the_rest(home: Path, uri: str | None) -> None:
 
 
 @pytest.mark.subprocess
-def test_store_turns_read_only_after_the_first_job(home, tmp_path):
+def test_store_turns_read_only_after_the_first_job(home, tmp_path, run_cli):
     mnt = tmp_path / "ro"
     _mount_tmpfs(mnt, "64m")
     try:
         uri = f"sqlite:///{mnt / 'store' / 'mlflow.db'}"
-        r = _train(home, [*SWEEP, f"tracking.uri={uri}"], "store_readonly_after_job:0")
+        r = _train(run_cli, home, [*SWEEP, f"tracking.uri={uri}"], "store_readonly_after_job:0", process=True)
         out = r.stdout + r.stderr
         line = _check_stopped(r.returncode, out)
         assert "OperationalError: unable to open database file" in line, line  # SQLite: no journal
@@ -90,18 +95,18 @@ def test_store_turns_read_only_after_the_first_job(home, tmp_path):
         subprocess.run(["chattr", "-i", str(mnt / "store" / "mlflow.db"), str(mnt / "store")], check=True)
         # job 0's run is the only one: job 1's claim was refused, jobs 2 and 3 never started
         assert [k.info.status for k in _jobs(home, uri)] == ["FINISHED"]
-        _relaunch_trains_the_rest(home, uri)
+        _relaunch_trains_the_rest(run_cli, home, uri)
     finally:
         _umount(mnt)
 
 
 @pytest.mark.subprocess
-def test_disk_full_after_the_first_job(home, tmp_path):
+def test_disk_full_after_the_first_job(home, tmp_path, run_cli):
     mnt = tmp_path / "full"
     _mount_tmpfs(mnt, "16m")
     try:
         uri = f"sqlite:///{mnt / 'mlflow.db'}"
-        r = _train(home, [*SWEEP, f"tracking.uri={uri}"], "store_full_after_job:0")
+        r = _train(run_cli, home, [*SWEEP, f"tracking.uri={uri}"], "store_full_after_job:0", process=True)
         line = _check_stopped(r.returncode, r.stdout + r.stderr)
         assert "database or disk is full" in line, line
         assert (mnt / faults.FILLER).stat().st_size > 0
@@ -109,18 +114,17 @@ def test_disk_full_after_the_first_job(home, tmp_path):
         assert [k.info.status for k in _jobs(home, uri)] == ["FINISHED"]
         # the parent the full disk left RUNNING belongs to a dead process: a relaunch ends it,
         # reuses it and trains the rest, each grid point exactly once
-        _relaunch_trains_the_rest(home, uri)
+        _relaunch_trains_the_rest(run_cli, home, uri)
     finally:
         _umount(mnt)
 
 
-@pytest.mark.subprocess
-def test_a_claim_that_cannot_be_created_stops_the_sweep(home):
-    r = _train(home, SWEEP, "fail_claim_create@1")
+def test_a_claim_that_cannot_be_created_stops_the_sweep(home, run_cli):
+    r = _train(run_cli, home, SWEEP, "fail_claim_create@1")
     line = _check_stopped(r.returncode, r.stdout + r.stderr)
     assert "planted fault" in line and "not written: the run's claim" in line, line
     assert [k.info.status for k in _jobs(home, None)] == ["FINISHED"]
-    _relaunch_trains_the_rest(home, None)
+    _relaunch_trains_the_rest(run_cli, home, None)
 
 
 def _wait_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
