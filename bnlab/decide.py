@@ -362,17 +362,23 @@ def sweep_command(plan: Plan, seeds: List[int]) -> List[str]:
             f"study={plan.study}", "seed=" + ",".join(map(str, seeds)), *plan.overrides]
 
 
+INTERRUPTED = (130, -signal.SIGINT)  # a sweep ended by Ctrl-C: bnlab-train's exit status, or killed by SIGINT
 SIGINT_GRACE_S = 15.0  # how long a Ctrl-C'd sweep may take to end its runs before it is signalled itself
 
 
 def launch_sweep(plan: Plan, seeds: List[int]) -> int:
-    """Runs one round's multirun and returns its exit status. A terminal's Ctrl-C reaches the sweep
-    too (same process group): it is waited for, so that it ends its runs KILLED and releases its
-    claims; only a sweep still running after SIGINT_GRACE_S (this process alone was signalled) gets
-    a SIGINT of its own."""
+    """Runs one round's multirun and returns its exit status; a sweep that was interrupted
+    (INTERRUPTED) raises KeyboardInterrupt here. A terminal's Ctrl-C reaches the sweep too (same
+    process group): it is waited for, so that it ends its runs KILLED and releases its claims; only a
+    sweep still running after SIGINT_GRACE_S (this process alone was signalled) gets a SIGINT of its own."""
     proc = subprocess.Popen(sweep_command(plan, seeds), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        return proc.wait()
+        rc = proc.wait()
+        if rc in INTERRUPTED:
+            # The sweep was interrupted (Ctrl-C reaches the whole process group): so is this command,
+            # even where its own KeyboardInterrupt was lost (Python drops one raised in a finalizer).
+            raise KeyboardInterrupt
+        return rc
     except KeyboardInterrupt:
         try:
             proc.wait(timeout=SIGINT_GRACE_S)

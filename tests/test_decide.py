@@ -196,6 +196,18 @@ def _trained(home, status: str = "FINISHED") -> list:
             if r.data.tags.get("bnlab.role") == "job" and r.info.status == status]
 
 
+@pytest.mark.parametrize("child", ["import os, signal; os.kill(os.getpid(), signal.SIGINT)", "raise SystemExit(130)"])
+def test_a_round_whose_sweep_was_interrupted_interrupts_bnlab_decide(monkeypatch, child):
+    """A sweep ended by Ctrl-C (killed by SIGINT, or bnlab-train's exit 130) is an interruption of
+    bnlab-decide too, even where its own KeyboardInterrupt was lost; any other status is returned."""
+    plan = D.parse_args(["study=smoke", "max_seeds=2"])
+    monkeypatch.setattr(D, "sweep_command", lambda plan_, seeds: [sys.executable, "-c", child])
+    with pytest.raises(KeyboardInterrupt):
+        D.launch_sweep(plan, [0])
+    monkeypatch.setattr(D, "sweep_command", lambda plan_, seeds: [sys.executable, "-c", "raise SystemExit(1)"])
+    assert D.launch_sweep(plan, [0]) == 1
+
+
 def _rounds_in_this_process(run_cli, home):
     """launch_sweep's round (the bnlab-train command line bnlab-decide builds) run in this process:
     what the rounds decide does not depend on processes; the Ctrl-C test below runs bnlab-decide and
