@@ -129,6 +129,7 @@ def test_capture_restore_roundtrip_restores_every_rng():
 FAST = ["train.threads=1", "train.epochs=3", "data.synthetic_train=256", "hydra.job.chdir=false"]
 
 
+@pytest.mark.subprocess
 def test_sigkilled_sweep_resumes_the_same_run(home, run_cli):
     """A real SIGKILL at a named step (after epoch 1 of the first job), then a relaunch: the
     killed grid point continues in its own run; every grid point FINISHED once."""
