@@ -310,6 +310,10 @@ def _task(dcfg) -> Dict[str, float]:
     cfg: Config = OmegaConf.to_object(dcfg)
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    if sweep.slurm_task() is not None and "submitit" in sys.modules:  # a task of hydra/launcher=slurm
+        from bnlab.slurm import requeue_survives_its_own_signal
+
+        requeue_survives_its_own_signal()
     if not multirun:
         context = sweep.job_context(cfg, hc, list(hc.overrides.task), multirun)
         result = train(cfg, context.tracker, extra_tags=context.tags, config_text=OmegaConf.to_yaml(dcfg))

@@ -27,6 +27,36 @@ GRACE_S = 30.0
 POLL_S = 2.0
 
 
+def requeue_survives_its_own_signal() -> None:
+    """In a SLURM task: submitit requeues a preempted or timed-out task with `scontrol requeue`, run
+    from inside the task, and SLURM's requeue then signals every process of the task, that scontrol
+    included. Where the SIGTERM comes before scontrol has read slurmctld's answer (seen under load),
+    submitit raised CalledProcessError and the requeued task's run was counted failed, although
+    SLURM requeued it. A scontrol ended by SIGTERM is taken as the requeue under way: submitit then
+    exits as after any requeue, without a result. Should the job not be requeued after all (it was
+    cancelled meanwhile), the sweep's bounded wait counts it failed. Any other scontrol failure
+    still raises. Idempotent."""
+    import signal
+
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    original = SlurmJobEnvironment._requeue
+    if getattr(original, "_bnlab", False):
+        return
+
+    def _requeue(self, countdown: int) -> None:
+        try:
+            original(self, countdown)
+        except subprocess.CalledProcessError as e:
+            if e.returncode != -signal.SIGTERM:
+                raise
+            log.warning("scontrol requeue %s ended by SIGTERM, as SLURM's requeue signals the whole task: "
+                        "exiting for the requeued attempt", self.job_id)
+
+    _requeue._bnlab = True  # type: ignore[attr-defined]
+    SlurmJobEnvironment._requeue = _requeue
+
+
 def grace_s() -> float:
     return float(os.environ.get("BNLAB_SLURM_GRACE_S", GRACE_S))
 

@@ -1,6 +1,11 @@
 """bnlab.slurm.wait_bounded with fake jobs, queue and clock: a task that left the queue without a
-result is declared dead after the grace period, never before; finished ones never."""
+result is declared dead after the grace period, never before; finished ones never. And a task's
+requeue that SLURM's own SIGTERM interrupts (a fake scontrol)."""
 from __future__ import annotations
+
+import os
+
+import pytest
 
 from bnlab.slurm import wait_bounded
 
@@ -46,3 +51,32 @@ def test_unknown_queue_presumes_nothing():
     jobs = [FakeJob("8_0")]
     dead, end = run(jobs, {"8_0": 0}, grace=3, squeue_down=True)
     assert dead == [0] and end >= 53  # only counted once squeue answers again
+
+
+@pytest.mark.parametrize("scontrol, raises", [("kill -TERM $$", False), ("exit 1", True)])
+def test_a_scontrol_requeue_ended_by_the_requeues_own_sigterm_is_a_requeue(tmp_path, monkeypatch, scontrol, raises):
+    """SLURM's requeue signals every process of the task, the `scontrol requeue` that submitit runs
+    included: a scontrol ended by SIGTERM is the requeue under way, any other failure still raises.
+    The fault is a scontrol on PATH that does exactly that."""
+    import subprocess
+
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    from bnlab import slurm
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\n{scontrol}\n')
+    (bin_ / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(SlurmJobEnvironment, "_requeue", SlurmJobEnvironment._requeue)  # restored after
+    slurm.requeue_survives_its_own_signal()
+    slurm.requeue_survives_its_own_signal()  # once is enough; twice wraps nothing twice
+    env = SlurmJobEnvironment()
+    if raises:
+        with pytest.raises(subprocess.CalledProcessError):
+            env._requeue(1)
+    else:
+        env._requeue(1)
+    assert (tmp_path / "args").read_text().split() == ["requeue", "42"]
