@@ -122,6 +122,7 @@ def test_32_concurrent_writers_lose_and_duplicate_nothing(pg_server, tmp_path):
         p.join(60)
     stop.set()
     sampler.join()
+    samples.append(server.connections())  # after the writers: what the workers' pools kept open
     assert _server_processes(server.root) == (server.pids, server.workers)  # no worker was replaced
     peak = {pid: max(s.get(pid, 0) for s in samples) for pid in server.pids}
     pool = db_pool_env(db, dict(os.environ))  # the per-worker bound bnlab-ui set for the server

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bnlab import faults
-from conftest import BIN, free_port, mlflow_server, runs_of
+from conftest import BIN, cli, free_port, mlflow_server, runs_of
 
 FAST = ["train.threads=1"]
 SWEEP = ["study=smoke", *FAST]  # four jobs: #0 finishes, #1 meets the broken store, #2 and #3 do not run
@@ -48,10 +48,7 @@ def _train(run_cli, home: Path, args, fault: str = "", process: bool = False) ->
     """bnlab-train in this process (run_cli), or with process=True in its own: a sweep that the
     broken store leaves with a RUNNING run must be a process that then ends, as a user's does (a
     relaunch ends the runs of a dead process, not its own)."""
-    if process:
-        return subprocess.run([str(BIN / "bnlab-train"), *args], cwd=str(home), env=_env(home, fault),
-                              capture_output=True, text=True, timeout=600)
-    return run_cli("bnlab-train", *args, home=home, env={faults.ENV: fault})
+    return (cli if process else run_cli)("bnlab-train", *args, home=home, env={faults.ENV: fault})
 
 
 def _check_stopped(rc: int, out: str) -> str:
