@@ -288,9 +288,10 @@ def study_store(tmp_path_factory):
 
 # `make test` runs the suite on several pytest-xdist workers. The tests of these modules share an
 # expensive module- or session-scoped fixture (a SLURM cluster; a PostgreSQL server and its
-# bnlab-ui; a served smoke store; the study store; the analysis store): each module runs on one
-# worker, so its fixture is built once, not once per worker. Every other test is scheduled alone.
-ONE_WORKER = ("test_slurm.py", "test_postgres.py", "test_ui.py", "test_report_dynamics.py", "test_analysis.py")
+# bnlab-ui; a served smoke store; the study store; the analysis store; one mlflow server): each
+# module runs on one worker, so its fixture is built once, not once per worker. Every other test is scheduled alone.
+ONE_WORKER = ("test_slurm.py", "test_postgres.py", "test_ui.py", "test_report_dynamics.py", "test_analysis.py",
+              "test_http_store.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

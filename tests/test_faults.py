@@ -1,6 +1,6 @@
 """The test-only fault hook (bnlab.faults): parsing, loud failures, and the race protocol's order.
 The faults' effects on real sweeps are tested where they are used (test_store_failures, test_sweeps,
-test_exactly_once)."""
+test_exactly_once, test_http_store)."""
 from __future__ import annotations
 
 import subprocess

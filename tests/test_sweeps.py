@@ -1,5 +1,5 @@
 """Sweeps with real Hydra launchers in subprocesses on temporary stores: parent/child grouping,
-parallel jobs without store races, an HTTP tracking server, resume after SIGKILL, divergence,
+parallel jobs without store races, resume after SIGKILL, divergence,
 Ctrl-C and the submitit local executor. SIGKILL and Ctrl-C come at a named step (bnlab.faults)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import signal
 from collections import Counter
 
-from conftest import cli, free_port, mlflow_server, runs_of
+from conftest import cli, runs_of
 
 FAST = ["train.threads=1"]
 
@@ -60,27 +60,6 @@ def test_joblib_eight_jobs_four_at_a_time_on_a_fresh_store(home):
     assert len(_finished_per_hash(runs)) == 8
     # joblib workers share the 2 cores: each job got cores / n_jobs torch threads
     assert {k.data.tags["bnlab.threads"] for k in kids} == {str(max(1, (os.cpu_count() or 1) // 4))}
-
-
-@pytest.mark.subprocess
-def test_joblib_through_a_real_mlflow_server(home, tmp_path):
-    port = free_port()
-    server = mlflow_server(tmp_path, port)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        # two joblib workers logging at once through the server (four at a time: the test above)
-        r = cli("bnlab-train", "study=smoke", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                f"tracking.uri={uri}", home=home, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        _, runs = runs_of(home, "smoke", uri=uri)
-        kids = children(runs)
-        assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
-        assert len(_finished_per_hash(runs)) == 4
-        assert len(parents(runs)) == 1 and parents(runs)[0].info.status == "FINISHED"
-        assert not (home / "runs" / "mlflow.db").exists(), "runs went to the server, not the local store"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 # Two epochs, so that a run stopped after epoch 1 is caught in the middle of its training.
