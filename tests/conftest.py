@@ -36,6 +36,38 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    """An empty SQLite store as MLflow first creates it (its schema migrated, its Default
+    experiment), made once per pytest worker: creating one costs about 1 CPU-second."""
+    path = tmp_path_factory.mktemp("migrated") / "mlflow.db"
+    from bnlab.store import client
+
+    client(f"sqlite:///{path}").search_experiments()  # the first call opens the store: migrations
+    return path
+
+
+@pytest.fixture
+def store_home(home, _migrated_store) -> Path:
+    """`home` whose default store already exists: a copy of the migrated empty store, as the first
+    bnlab-train started in `home` would have left it before its first experiment. For tests of what
+    runs do to a store, not of how a store is created (those, and the tests that check that nothing
+    was written, take `home`)."""
+    import shutil
+    import sqlite3
+
+    db = home / "runs" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copyfile(_migrated_store, db)
+    # The Default experiment (bnlab never writes to it) points where MLflow would have put it: the
+    # mlruns/ of the creating process's working folder, here `home`.
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (str(home / "mlruns" / "0"),))
+    con.close()
+    return home
+
+
 def cli(script: str, *args: str, home: Path, timeout: float = 600, cwd: Path | None = None,
         env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a console script in a subprocess, from another directory than the project."""

@@ -222,6 +222,7 @@ def _rounds_in_this_process(run_cli, home):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("store_home")
 def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home, run_cli):
     plan = D.parse_args(["study=smoke", "max_seeds=12", "seeds_per_round=3", *SMOKE])
     launched, launch_sweep = [], _rounds_in_this_process(run_cli, home)
@@ -270,6 +271,7 @@ def test_real_rounds_decide_and_resume_after_an_interruption_inside_a_round(home
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("store_home")
 def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home, run_cli):
     plan = D.parse_args(["study=smoke", "max_seeds=2", "seeds_per_round=2", *SMOKE])
     out = D.decide(plan, evaluate=_never_decided, launch=_rounds_in_this_process(run_cli, home),
@@ -285,6 +287,7 @@ def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home, run
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home):
     """A terminal's Ctrl-C (SIGINT to the whole process group) once round 1 has been reported, wherever
     in round 2 it lands: exit 130, then the same command finishes with every grid point trained once."""

@@ -49,6 +49,7 @@ def test_single_run_logs_everything(home, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("store_home")
 def test_real_fashion_mnist_missing_update_ops_and_precise_bn(home):
     """The seed's pitfall and its fix, on the real data: one epoch with update ops missing."""
     run_job("train.epochs=1", "bn.update_stats=false", "train.threads=1")  # threads: not set by test order
@@ -72,6 +73,7 @@ def tracker_for(home, name="t"):
     return MlflowTracker(store_uri(home), "unit", name)
 
 
+@pytest.mark.usefixtures("store_home")
 def test_failure_is_recorded_as_failed(home, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("evaluation exploded")
@@ -84,6 +86,7 @@ def test_failure_is_recorded_as_failed(home, monkeypatch):
     assert "evaluation exploded" in runs[0].data.tags["bnlab.error"]
 
 
+@pytest.mark.usefixtures("store_home")
 def test_ctrl_c_marks_the_run_killed(home, monkeypatch):
     calls = {"n": 0}
     real = train_mod.epoch_metrics
@@ -102,6 +105,7 @@ def test_ctrl_c_marks_the_run_killed(home, monkeypatch):
     assert [m.step for m in c.get_metric_history(runs[0].info.run_id, "val/acc")] == [1]
 
 
+@pytest.mark.usefixtures("store_home")
 def test_divergence_stops_tags_and_finishes(home):
     cfg = small_cfg(model=ModelConfig(name=ModelName.mlp, hidden=[64], activation=Activation.relu),
                     optim=OptimConfig(lr=1e30))

@@ -29,6 +29,7 @@ def test_two_sweeps_at_once_on_a_fresh_store(home):
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_two_sweeps_at_once_on_an_existing_store_sharing_one_sweep_dir(home, tmp_path, run_cli):
     # The store exists (one earlier sweep). Both sweeps share an explicit hydra.sweep.dir, and one
     # of them runs its jobs on two joblib workers: three claimants at once. Each grid point is
@@ -80,6 +81,7 @@ def _hash_of(*overrides: str) -> str:
     return config_hash(bcli.validate_job(job))
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home, run_cli):
     args = ["study=smoke", "seed=0", "bn.update_stats=true", *FAST]
     h = _hash_of(*args)
@@ -103,6 +105,7 @@ def test_a_live_claim_is_skipped_and_a_stale_one_taken_over(home, run_cli):
     assert float(fin[0].data.tags["bnlab.heartbeat"]) > stale + 86400  # its own, fresh heartbeat
 
 
+@pytest.mark.usefixtures("store_home")
 def test_the_report_counts_each_config_hash_once(home, tmp_path, run_cli):
     # tracking.resume=false trains every grid point again: the store now holds duplicates, as
     # stores written by two concurrent sweeps before claims existed do

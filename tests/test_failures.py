@@ -56,6 +56,7 @@ def _parents(runs):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_failing_grid_point_is_counted_recorded_and_retried(home, run_cli):
     args = ["-m", "model=custom", "model.target=faultynet:good,faultynet:bad", *SMALL, "train.epochs=1",
             "tracking.experiment=fail", *FAST]
@@ -90,6 +91,7 @@ def test_a_model_that_cannot_be_built_is_refused_up_front(home, run_cli):
     assert not (home / "runs" / "mlflow.db").exists()
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_single_run_failing_in_training_leaves_a_failed_run(home, run_cli):
     r = run_cli("bnlab-train", "model=custom", "model.target=faultynet:bad", *SMALL, "tracking.experiment=one", *FAST,
             home=home, env=_faulty(home))
@@ -100,6 +102,7 @@ def test_a_single_run_failing_in_training_leaves_a_failed_run(home, run_cli):
     assert run.data.params["model.target"] == "faultynet:bad"  # the config is recorded with the failure
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_finite_exploding_loss_is_a_divergence(home, run_cli):
     # the sigmoid LeNet at lr 1e6: the loss stays finite (millions) but the run learns nothing
     r = run_cli("bnlab-train", "-m", "data=synthetic", "optim.lr=1e6,0.5", "train.epochs=2",
@@ -122,6 +125,7 @@ def test_a_finite_exploding_loss_is_a_divergence(home, run_cli):
     assert n_div == 1 and list(ok["optim.lr"]) == [0.5]
 
 
+@pytest.mark.usefixtures("store_home")
 def test_the_report_keeps_a_richer_section_unless_forced(home, tmp_path, run_cli):
     out = tmp_path / "results"
     r = run_cli("bnlab-train", "study=smoke", *FAST, home=home)

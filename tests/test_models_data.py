@@ -289,6 +289,7 @@ def test_every_study_validates_with_resnet20_on_cifar10(home):
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.usefixtures("store_home")
 def test_custom_model_runs_end_to_end(home, capsys):
     # model.target names a module of this tests folder, which is on sys.path here
     run_job("model=custom", "model.target=test_models_data:TinyNet", "+model.kwargs.width=4",
@@ -299,6 +300,7 @@ def test_custom_model_runs_end_to_end(home, capsys):
     assert [r.info.status for r in runs] == ["FINISHED"] and "val/acc_precise_bn" in runs[0].data.metrics
 
 
+@pytest.mark.usefixtures("store_home")
 def test_resnet20_smoke_run_then_load_run_and_bnlab_diagnose(home, tmp_path, capsys, monkeypatch):
     import bnlab
     from bnlab import load

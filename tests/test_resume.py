@@ -61,6 +61,7 @@ def model_state(c, run_id, tmp_path):
 
 
 @pytest.mark.parametrize("eval_every,kill_at", [(0, 2), (3, 1)])
+@pytest.mark.usefixtures("store_home")
 def test_killed_run_resumes_bit_identical(home, tmp_path, monkeypatch, eval_every, kill_at):
     cfg = cfg_for(eval_every=eval_every)
     uri = store_uri(home)
@@ -98,6 +99,7 @@ def test_killed_run_resumes_bit_identical(home, tmp_path, monkeypatch, eval_ever
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.usefixtures("store_home")
 def test_kill_before_the_first_epoch_ends_leaves_nothing_to_resume(home, monkeypatch):
     def boom(*a, **k):
         raise Stop
@@ -130,6 +132,7 @@ FAST = ["train.threads=1", "train.epochs=3", "data.synthetic_train=256", "hydra.
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_sigkilled_sweep_resumes_the_same_run(home, run_cli):
     """A real SIGKILL at a named step (after epoch 1 of the first job), then a relaunch: the
     killed grid point continues in its own run; every grid point FINISHED once."""

@@ -37,6 +37,7 @@ def jobs_of(home):
         [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_study_through_slurm(cluster, home, tmp_path, run_cli):
     t0 = time.time()
     r = cli("bnlab-train", "study=smoke", *launcher_args(cluster), home=home, env=cluster["env"], timeout=600)
@@ -56,6 +57,7 @@ def test_a_study_through_slurm(cluster, home, tmp_path, run_cli):
     assert "smoke" in md and list(out.rglob("*.png"))
 
 
+@pytest.mark.usefixtures("store_home")
 def test_killed_tasks_fail_in_bounded_time_and_resume(cluster, home):
     args = ["study=smoke", "train.epochs=2", *launcher_args(cluster)]
     env = {**cluster["env"], "BNLAB_FAULT": "kill_after_epoch:1", "BNLAB_SLURM_GRACE_S": "5"}
@@ -92,6 +94,7 @@ def _diagnostics(home, c) -> str:
     return "\n".join(out)
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_preempted_task_is_requeued_and_resumes_its_run(cluster, home, tmp_path):
     """SIGUSR2 (SLURM's warning before preemption or a time limit) after epoch 1 of job 0: submitit
     checkpoints and requeues the task, whose next attempt continues the same run from its epoch-1

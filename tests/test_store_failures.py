@@ -116,6 +116,7 @@ def test_disk_full_after_the_first_job(home, tmp_path, run_cli):
         _umount(mnt)
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_claim_that_cannot_be_created_stops_the_sweep(home, run_cli):
     r = _train(run_cli, home, SWEEP, "fail_claim_create@1")
     line = _check_stopped(r.returncode, r.stdout + r.stderr)
@@ -233,6 +234,7 @@ def test_the_store_client_pickles(tmp_path):
     assert c.tracking_uri == uri and callable(c.search_runs)
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_sweep_waits_out_a_busy_store(home, train_cmd, monkeypatch):
     """The first store calls are answered "busy" (bnlab.faults store_busy, as an MLflow server whose
     connection pool is exhausted answers): the sweep waits, then every grid point runs once."""

@@ -23,6 +23,7 @@ def parents(runs):
     return [r for r in runs if r.data.tags.get("bnlab.role") == "sweep"]
 
 
+@pytest.mark.usefixtures("store_home")
 def test_smoke_sequential_groups_runs_and_resume_skips_finished(home, run_cli):
     r = run_cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -67,6 +68,7 @@ TWO_EPOCHS = ["study=smoke", "train.epochs=2", *FAST]
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_sigkill_then_relaunch_gives_one_finished_run_per_grid_point(home, run_cli):
     # Job 0 finishes; job 1 is SIGKILLed once its first epoch is in the store (bnlab.faults).
     r = cli("bnlab-train", *TWO_EPOCHS, home=home, env={"BNLAB_FAULT": "kill_after_epoch:1@1"})
@@ -95,6 +97,7 @@ def test_sigkill_then_relaunch_gives_one_finished_run_per_grid_point(home, run_c
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
     # Ctrl-C (SIGINT to the process) while job 1 trains: after its first epoch of two.
     r = cli("bnlab-train", *TWO_EPOCHS, home=home, env={"BNLAB_FAULT": "sigint_after_epoch:1@1"})
@@ -110,6 +113,7 @@ def test_ctrl_c_marks_the_current_run_and_the_sweep_killed(home):
     assert parent.info.status == "KILLED"
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_diverged_run_does_not_stop_the_sweep(home, run_cli):
     r = run_cli("bnlab-train", "-m", "data=synthetic", "model=mlp", "bn.placement=none", "optim.lr=1e30,0.1,1e36",
             "train.epochs=2", "tracking.experiment=div", *FAST, home=home, timeout=600)
@@ -124,6 +128,7 @@ def test_a_diverged_run_does_not_stop_the_sweep(home, run_cli):
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_submitit_local_executor(home):
     r = cli("bnlab-train", "study=smoke", "seed=3", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
             *FAST, home=home, timeout=900)

@@ -125,6 +125,7 @@ def wait_ready(bt: BackgroundTracker) -> None:
     assert bt.in_process, "the logging process did not load the tracker"
 
 
+@pytest.mark.usefixtures("store_home")
 def test_logging_process_writes_every_epoch_in_order(home):
     bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "via-process"), process=True)
     bt.start({"seed": 0}, {"bnlab.seed": "0"}, "seed: 0\n")
@@ -141,6 +142,7 @@ def test_logging_process_writes_every_epoch_in_order(home):
     assert [m.value for m in hist] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
 
 
+@pytest.mark.usefixtures("store_home")
 def test_the_logging_process_outlives_slurms_preemption_signals(home):
     # SLURM signals every process of a task: USR2 before preemption, TERM at the requeue. The
     # logging process leaves them to the trainer and still writes what it is sent.
@@ -161,6 +163,7 @@ def test_the_logging_process_outlives_slurms_preemption_signals(home):
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/acc")] == [1, 2, 3]
 
 
+@pytest.mark.usefixtures("store_home")
 def test_a_failed_write_in_the_logging_process_fails_the_run(home):
     bt = BackgroundTracker(MlflowTracker(store_uri(home), "unit", "bad-write"), process=True)
     bt.start({}, {}, "")

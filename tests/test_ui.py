@@ -233,6 +233,7 @@ def test_bad_port_is_refused_before_anything_runs(home, capsys):
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_sigint_stops_the_server_and_its_process_group(home):
     ui = UI(home)
     try:
@@ -246,6 +247,7 @@ def test_sigint_stops_the_server_and_its_process_group(home):
 
 
 @pytest.mark.subprocess
+@pytest.mark.usefixtures("store_home")
 def test_sigkill_of_bnlab_ui_still_stops_its_server(home):
     ui, pgid = UI(home), None
     try:
