@@ -288,7 +288,7 @@ def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home, run
 
 @pytest.mark.subprocess
 @pytest.mark.usefixtures("store_home")
-def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home):
+def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home, run_cli):
     """A terminal's Ctrl-C (SIGINT to the whole process group) once round 1 has been reported, wherever
     in round 2 it lands: exit 130, then the same command finishes with every grid point trained once."""
     import os
@@ -297,9 +297,9 @@ def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home):
 
     from conftest import BIN
 
-    args = [str(BIN / "bnlab-decide"), "study=smoke", "max_seeds=4", *SMOKE]
+    args = ["study=smoke", "max_seeds=4", *SMOKE]
     env = {**os.environ, "BNLAB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    proc = subprocess.Popen([str(BIN / "bnlab-decide"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=str(home), start_new_session=True)
     try:
         for line in proc.stdout:  # the explicit signal: round 1's line
@@ -317,7 +317,8 @@ def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home):
     first = _runs(home)
     round1 = set(first.loc[first["seed"].isin([0, 1]) & first["status"].eq("FINISHED"), "run_id"])
     assert len(round1) == 4
-    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=str(home), timeout=600)
+    # The same command again (its rounds' sweeps are processes, as ever; bnlab-decide runs here).
+    done = run_cli("bnlab-decide", *args, home=home)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped: the seed budget is spent (max_seeds=4)" in done.stdout
     runs = _runs(home)
