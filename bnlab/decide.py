@@ -12,11 +12,13 @@ points already FINISHED are never retrained, finished rounds are not relaunched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -320,7 +322,12 @@ class StudyStore:
 
     def record(self, info: dict, round_label: str) -> None:
         """Experiment tags (total wall time, rounds, the last line) and, on every FINISHED run of the
-        grid not yet tagged, bnlab.verdicts=sequential: the report then reads this study sequentially."""
+        grid not yet tagged, bnlab.verdicts=sequential: the report then reads this study sequentially.
+        A Ctrl-C while these writes are under way takes effect once they are done (sigint_deferred)."""
+        with sigint_deferred():
+            self._record(info, round_label)
+
+    def _record(self, info: dict, round_label: str) -> None:
         from bnlab.analysis.runs import load_runs
 
         c, exp = self._experiment()
@@ -360,6 +367,29 @@ def sweep_command(plan: Plan, seeds: List[int]) -> List[str]:
     its scripts are)."""
     return [sys.executable, "-c", "import sys; from bnlab.cli import train_main; sys.exit(train_main())",
             f"study={plan.study}", "seed=" + ",".join(map(str, seeds)), *plan.overrides]
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """A Ctrl-C (SIGINT) that arrives inside the block raises KeyboardInterrupt when the block ends,
+    not in the middle of it: bnlab-decide's own store writes are never cut in half. (Seen once: a
+    Ctrl-C that landed while a round was being recorded, and the interrupted command's last write
+    then found the SQLite store locked and waited out the whole busy timeout.) Only in the main
+    thread, where Python runs signal handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if caught:
+        if callable(before):
+            before(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+        elif before == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 INTERRUPTED = (130, -signal.SIGINT)  # a sweep ended by Ctrl-C: bnlab-train's exit status, or killed by SIGINT

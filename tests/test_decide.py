@@ -329,3 +329,61 @@ def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home, run_cli):
     assert len(_trained(home)) == 8 and len(set(_trained(home))) == 8
     assert len(_trained(home, "KILLED")) <= 1
     assert not runs["status"].eq("RUNNING").any()
+
+
+# ------------------------------------------------------------------ a Ctrl-C inside the store writes
+
+def test_a_ctrl_c_inside_sigint_deferred_lands_when_the_block_ends():
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with D.sigint_deferred():
+            signal.raise_signal(signal.SIGINT)  # in this thread, now: its handler runs at once
+            done.append("the rest of the block")
+    assert done == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is before
+    with D.sigint_deferred():  # no signal, no interrupt
+        done.append("quiet")
+    assert done[-1] == "quiet"
+
+
+@pytest.mark.usefixtures("store_home")
+def test_a_ctrl_c_while_a_round_is_recorded_takes_effect_after_every_write(home, run_cli, monkeypatch):
+    """The Ctrl-C arrives at the first of record()'s writes (a named step: the first experiment
+    tag): every tag is still written, then KeyboardInterrupt, and the store takes the next write."""
+    import signal
+
+    from bnlab import store as bstore
+
+    r = run_cli("bnlab-train", "study=smoke", "seed=0", *SMOKE, home=home)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ss = D.StudyStore(D.parse_args(["study=smoke", "max_seeds=2", *SMOKE]))
+    real = bstore.client
+
+    def client(uri):
+        c = real(uri)
+        inner = c.set_experiment_tag
+        fired = []
+
+        def set_experiment_tag(*a, **k):
+            if not fired:
+                fired.append(1)
+                signal.raise_signal(signal.SIGINT)
+            return inner(*a, **k)
+
+        c.set_experiment_tag = set_experiment_tag
+        return c
+
+    monkeypatch.setattr(bstore, "client", client)
+    with pytest.raises(KeyboardInterrupt):
+        ss.record({"wall_s": 12.0, "new_rounds": 1, "last": "round 1 (seeds 0): recorded"}, "round 1")
+    monkeypatch.setattr(bstore, "client", real)
+    tags = real(store_uri(home)).get_experiment_by_name("smoke").tags
+    assert tags[D.TAG_WALL] == "12.0" and tags[D.TAG_LAST] == "round 1 (seeds 0): recorded"
+    _, runs = runs_of(home, "smoke")
+    jobs = [x for x in runs if x.data.tags.get("bnlab.role") == "job"]
+    assert jobs and all(x.data.tags.get(V.VERDICTS_TAG) == V.SEQUENTIAL for x in jobs)
+    ss.record({"wall_s": 13.0, "new_rounds": 0, "last": "interrupted"}, "round 1")  # the store is free
+    assert real(store_uri(home)).get_experiment_by_name("smoke").tags[D.TAG_LAST] == "interrupted"
