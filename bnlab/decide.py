@@ -375,7 +375,8 @@ def sigint_deferred():
     not in the middle of it: bnlab-decide's own store writes are never cut in half. (Seen once: a
     Ctrl-C that landed while a round was being recorded, and the interrupted command's last write
     then found the SQLite store locked and waited out the whole busy timeout.) Only in the main
-    thread, where Python runs signal handlers; elsewhere the block runs as it is."""
+    thread, where Python runs signal handlers; elsewhere the block runs as it is. If the block raises
+    after a Ctrl-C came, KeyboardInterrupt is raised with that error as its context."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -383,13 +384,24 @@ def sigint_deferred():
     before = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
+    except BaseException as e:
+        if caught and not isinstance(e, KeyboardInterrupt):
+            # The block failed after a Ctrl-C came: the Ctrl-C still stops the command (a caller
+            # that goes on after such an error would drop it), with the block's error as its context.
+            _deliver_sigint(before)
+        raise
     finally:
         signal.signal(signal.SIGINT, before)
     if caught:
-        if callable(before):
-            before(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
-        elif before == signal.SIG_DFL:
-            raise KeyboardInterrupt
+        _deliver_sigint(before)
+
+
+def _deliver_sigint(handler) -> None:
+    """What SIGINT's handler of before sigint_deferred() would have done."""
+    if callable(handler):
+        handler(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+    elif handler == signal.SIG_DFL:
+        raise KeyboardInterrupt
 
 
 INTERRUPTED = (130, -signal.SIGINT)  # a sweep ended by Ctrl-C: bnlab-train's exit status, or killed by SIGINT

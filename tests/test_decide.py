@@ -349,6 +349,22 @@ def test_a_ctrl_c_inside_sigint_deferred_lands_when_the_block_ends():
     assert done[-1] == "quiet"
 
 
+def test_a_ctrl_c_inside_sigint_deferred_is_not_lost_when_the_block_fails():
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as got:
+        with D.sigint_deferred():
+            signal.raise_signal(signal.SIGINT)
+            raise OSError("the store write failed")
+    assert isinstance(got.value.__context__, OSError) and "the store write failed" in str(got.value.__context__)
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(OSError):  # without a Ctrl-C the block's error is what comes out
+        with D.sigint_deferred():
+            raise OSError("the store write failed")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.usefixtures("store_home")
 def test_a_ctrl_c_while_a_round_is_recorded_takes_effect_after_every_write(home, run_cli, monkeypatch):
     """The Ctrl-C arrives at the first of record()'s writes (a named step: the first experiment
