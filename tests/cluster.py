@@ -255,7 +255,14 @@ def slurm() -> Iterator[dict]:
         pid = d / "munged.pid"
         if pid.exists():
             try:
-                os.kill(int(pid.read_text().strip()), signal.SIGTERM)
+                munged = int(pid.read_text().strip())
+                os.kill(munged, signal.SIGTERM)
+                # munged writes its seed file into the folder as it exits: the folder goes after it
+                # (munged daemonized: not this process's child, so its end is polled, for 20 s at most)
+                deadline = time.time() + 20
+                while time.time() < deadline:
+                    os.kill(munged, 0)
+                    time.sleep(0.1)
             except (ProcessLookupError, ValueError):
                 pass
         shutil.rmtree(d, ignore_errors=True)
