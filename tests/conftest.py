@@ -164,39 +164,45 @@ def _script_main(script: str):
     return ep.load()
 
 
+def in_process(script: str, *args: str, home: Path, cwd: Path | None = None, env: dict | None = None) -> int:
+    """A console script's main (the entry point the package declares) in this process, with cli()'s
+    BNLAB_HOME, working folder and extra environment (a PYTHONPATH in `env` goes on sys.path); its
+    exit status. The environment, sys.path, sys.argv, the working folder and the modules imported
+    from the extra PYTHONPATH are restored after the call. What it prints goes to this process's
+    stdout and stderr (run_cli captures them)."""
+    main = _script_main(script)
+    extra = {**(env or {})}
+    paths = [p for p in extra.pop("PYTHONPATH", "").split(os.pathsep) if p]
+    saved = (dict(os.environ), list(sys.path), list(sys.argv), os.getcwd(), set(sys.modules))
+    try:
+        os.environ.update({"BNLAB_HOME": str(home), **extra})
+        sys.path[:0] = paths
+        sys.argv = [script, *args]
+        os.chdir(cwd or home)
+        return main_exit(main, *args)
+    finally:
+        environ, path, argv, where, modules = saved
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.path[:], sys.argv[:] = path, argv
+        os.chdir(where)
+        for name in set(sys.modules) - modules:  # a test's own model module, e.g. faultynet
+            f = getattr(sys.modules[name], "__file__", None) or ""
+            if any(f.startswith(p) for p in paths):
+                del sys.modules[name]
+
+
 @pytest.fixture
 def run_cli(capsys):
-    """cli()'s twin in this process: the console script's main (the entry point the package
-    declares) with the same arguments, BNLAB_HOME, working folder and extra environment (a
-    PYTHONPATH in `env` goes on sys.path). A CompletedProcess with its exit status and what it
-    printed. The environment, sys.path, sys.argv, the working folder and the modules imported from
-    the extra PYTHONPATH are restored after each call. For tests of what a run does, not of what a
-    process does (signals, kills, concurrency, start-up): those use cli(). (`timeout` is cli()'s
-    and not applied here: an in-process call cannot be stopped from outside.)"""
+    """cli()'s twin in this process (in_process): a CompletedProcess with the exit status and what
+    the call printed. For tests of what a run does, not of what a process does (signals, kills,
+    concurrency, start-up): those use cli(). (`timeout` is cli()'s and not applied here: an
+    in-process call cannot be stopped from outside.)"""
 
     def run(script: str, *args: str, home: Path, timeout: float = 600, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
-        main = _script_main(script)
-        extra = {**(env or {})}
-        paths = [p for p in extra.pop("PYTHONPATH", "").split(os.pathsep) if p]
-        saved = (dict(os.environ), list(sys.path), list(sys.argv), os.getcwd(), set(sys.modules))
         capsys.readouterr()  # what the test printed before is not this call's
-        try:
-            os.environ.update({"BNLAB_HOME": str(home), **extra})
-            sys.path[:0] = paths
-            sys.argv = [script, *args]
-            os.chdir(cwd or home)
-            code = main_exit(main, *args)
-        finally:
-            environ, path, argv, where, modules = saved
-            os.environ.clear()
-            os.environ.update(environ)
-            sys.path[:], sys.argv[:] = path, argv
-            os.chdir(where)
-            for name in set(sys.modules) - modules:  # a test's own model module, e.g. faultynet
-                f = getattr(sys.modules[name], "__file__", None) or ""
-                if any(f.startswith(p) for p in paths):
-                    del sys.modules[name]
+        code = in_process(script, *args, home=home, cwd=cwd, env=env)
         out = capsys.readouterr()
         return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
 

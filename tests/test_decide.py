@@ -210,7 +210,7 @@ def test_a_round_whose_sweep_was_interrupted_interrupts_bnlab_decide(monkeypatch
 
 def _rounds_in_this_process(run_cli, home):
     """launch_sweep's round (the bnlab-train command line bnlab-decide builds) run in this process:
-    what the rounds decide does not depend on processes; the Ctrl-C test below runs bnlab-decide and
+    what the rounds decide does not depend on processes; the Ctrl-C test below interrupts bnlab-decide and
     its sweeps as processes."""
 
     def launch(plan, seeds):
@@ -288,7 +288,7 @@ def test_real_rounds_stop_on_the_seed_budget_then_on_the_recorded_time(home, run
 
 @pytest.mark.subprocess
 @pytest.mark.usefixtures("store_home")
-def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home, run_cli):
+def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home, run_cli, monkeypatch):
     """A terminal's Ctrl-C (SIGINT to the whole process group) once round 1 has been reported, wherever
     in round 2 it lands: exit 130, then the same command finishes with every grid point trained once."""
     import os
@@ -317,7 +317,12 @@ def test_ctrl_c_stops_bnlab_decide_and_the_same_command_resumes(home, run_cli):
     first = _runs(home)
     round1 = set(first.loc[first["seed"].isin([0, 1]) & first["status"].eq("FINISHED"), "run_id"])
     assert len(round1) == 4
-    # The same command again (its rounds' sweeps are processes, as ever; bnlab-decide runs here).
+    # The same command again, in this process, its round's sweep too (what is resumed is in the
+    # store: the processes the Ctrl-C stopped are above).
+    from conftest import in_process
+
+    monkeypatch.setattr(D, "launch_sweep", lambda plan, seeds: in_process(
+        "bnlab-train", *D.sweep_command(plan, seeds)[3:], home=home))
     done = run_cli("bnlab-decide", *args, home=home)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped: the seed budget is spent (max_seeds=4)" in done.stdout

@@ -129,9 +129,10 @@ def test_a_diverged_run_does_not_stop_the_sweep(home, run_cli):
 
 @pytest.mark.subprocess
 @pytest.mark.usefixtures("store_home")
-def test_submitit_local_executor(home):
-    r = cli("bnlab-train", "study=smoke", "seed=3", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-            *FAST, home=home, timeout=900)
+def test_submitit_local_executor(home, run_cli):
+    # the sweep submits and waits in this process; each job is a submitit process of its own
+    r = run_cli("bnlab-train", "study=smoke", "seed=3", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                *FAST, home=home)
     assert r.returncode == 0, r.stderr[-3000:]
     _, runs = runs_of(home, "smoke")
     kids = children(runs)

@@ -17,7 +17,7 @@ import pytest
 from bnlab import describe as D
 from bnlab import ui as bui
 from bnlab.roles import Role, field_role
-from conftest import BIN, ROOT, UI, cli, main_exit
+from conftest import BIN, ROOT, UI, in_process, main_exit
 
 FAST = ["train.threads=1"]
 
@@ -73,13 +73,13 @@ def port_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The suite's real command line, end to end: a smoke sweep (`bnlab-train study=smoke`, a Hydra
-    multirun) and `bnlab-report` as processes in a temporary home, then bnlab-ui over that store."""
+    """A smoke sweep (`bnlab-train study=smoke`, a Hydra multirun) and `bnlab-report`, each the
+    console script's main in this process (what they print is the setup's captured output), in a
+    temporary home; then bnlab-ui, a real process, over that store."""
     home = tmp_path_factory.mktemp("uihome")
-    r = cli("bnlab-train", "study=smoke", *FAST, home=home, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rep = cli("bnlab-report", "study=smoke", f"out={home / 'results'}", home=home, timeout=600)
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert in_process("bnlab-train", "study=smoke", *FAST, home=home) == 0, "bnlab-train failed: its output is above"
+    assert in_process("bnlab-report", "study=smoke", f"out={home / 'results'}", home=home) == 0, \
+        "bnlab-report failed: its output is above"
     ui = UI(home)
     ui.wait_for(r"^export MLFLOW_TRACKING_URI=")
     yield ui, home
