@@ -258,36 +258,3 @@ def test_precise_sizes_are_logged_at_the_last_epoch_and_the_whole_set_equals_pre
     assert 0 <= m2["val/acc_precise_bn/16"] <= 1
     # all 512 training examples, in another order: the same population statistics
     assert m2["val/acc_precise_bn/1000000"] == pytest.approx(m2["val/acc_precise_bn"], abs=1 / 128 + 1e-12)
-
-
-# ----------------------------------------------------------------------------- the studies, smoke-sized
-
-# Only sizes are overridden: every grid point of the study's own YAML runs (at one seed).
-SMOKE = ["data=synthetic", "data.synthetic_train=256", "data.synthetic_val=64", "data.train_subset=null",
-         "data.val_subset=null", "train.threads=1", "train.bs1_samples=8", "bn.precise_samples=128",
-         "train.progress=false", "seed=0"]
-STUDY_SMOKE = {
-    # study: (size overrides, metrics every run must log)
-    "ema_vs_precise": (["train.eval_every=4", "train.eval_subset=32", "data.batch_size=32"],
-                       {"step/val/acc", "step/val/acc_precise_bn", "step/val/acc_shadow/0.01", "step/lr"}),
-    "precise_samples": ([], {"val/acc_precise_bn/16", "val/acc_precise_bn/60000"}),
-    "norm_batch": (["data.batch_size=32"], {"val/acc_batch_stats", "val/acc_precise_bn", "train/acc"}),
-    "gamma_beta": (["train.epochs=1"], {"val/acc", "train/acc"}),
-}
-
-
-@pytest.mark.parametrize("study", sorted(STUDY_SMOKE))
-def test_every_new_study_runs_smoke_sized(study, home):
-    from bnlab import cli
-
-    extra, metrics = STUDY_SMOKE[study]
-    cli._prepare_env()
-    jobs, multirun = cli.expand_jobs([f"study={study}", *SMOKE, *extra])
-    assert multirun and len(jobs) >= 1
-    for job in jobs:
-        cfg = cli.validate_job(job)
-        t = ListTracker()
-        train_mod.train(cfg, t)
-        assert t.status == "FINISHED", job
-        logged = set().union(*(m for _, m in t.logged))
-        assert metrics <= logged, (job, metrics - logged)

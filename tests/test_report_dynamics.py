@@ -38,12 +38,27 @@ def frames(uri, study):
 
 # ------------------------------------------------------------------------------ every study, its own YAML
 
+# What every run of these studies logs beside the usual metrics (their YAML's own settings).
+LOGGED = {
+    "ema_vs_precise": {"step/val/acc", "step/val/acc_precise_bn", "step/val/acc_shadow/0.01", "step/lr"},
+    "precise_samples": {"val/acc_precise_bn/16", "val/acc_precise_bn/60000"},
+    "norm_batch": {"val/acc_batch_stats", "val/acc_precise_bn", "train/acc"},
+    "gamma_beta": {"val/acc", "train/acc"},
+}
+
+
 @pytest.mark.parametrize("study", STUDIES)
 def test_each_study_analysis_runs_on_its_own_smoke_store(study_store, study, tmp_path):
     uri, _, counts = study_store
     runs, curves = frames(uri, study)
     # counts: the jobs the study's YAML expands to at smoke size, each trained once into the store
     assert len(runs) == counts[study] and runs["status"].eq("FINISHED").all()
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    for run_id in runs["run_id"]:
+        missing = LOGGED.get(study, set()) - set(c.get_run(run_id).data.metrics)
+        assert not missing, (run_id, missing)
     analysis = ST.get_study(study)
     assert analysis.module == f"bnlab.analysis.studies.{study}", "every built-in study has its own module"
     data = analysis.prepare(runs, curves)
