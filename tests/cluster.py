@@ -252,17 +252,7 @@ def slurm() -> Iterator[dict]:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        pid = d / "munged.pid"
-        if pid.exists():
-            try:
-                munged = int(pid.read_text().strip())
-                os.kill(munged, signal.SIGTERM)
-                # munged writes its seed file into the folder as it exits: the folder goes after it
-                # (munged daemonized: not this process's child, so its end is polled, for 20 s at most)
-                deadline = time.time() + 20
-                while time.time() < deadline:
-                    os.kill(munged, 0)
-                    time.sleep(0.1)
-            except (ProcessLookupError, ValueError):
-                pass
+        # munged's own --stop waits for it to shut down, and it writes its seed file into the folder
+        # as it does: the folder goes after that (munged daemonized: not this process's child)
+        subprocess.run([_which("munged"), "--stop", f"--socket={sock}"], capture_output=True, timeout=30)
         shutil.rmtree(d, ignore_errors=True)
