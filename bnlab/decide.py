@@ -268,7 +268,7 @@ class StudyStore:
 
     def configs(self, seed: int):
         jobs, _ = self._cli.expand_jobs([f"study={self.plan.study}", f"seed={seed}", *self.plan.overrides])
-        return [self._cli.validate_job(j) for j in jobs]
+        return self._cli.validate_jobs(jobs)
 
     def grid(self, seed: int) -> Set[str]:
         if seed not in self._grid:

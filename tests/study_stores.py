@@ -39,9 +39,9 @@ def smoke_jobs(study: str, extra: Sequence[str] = ()) -> List:
         base += ["train.eval_every=2", "train.eval_subset=64"]
     jobs = cli.expand_jobs(base)[0]
     try:  # one epoch where the study's settings allow it
-        cfgs = [cli.validate_job(j + ["train.epochs=1"]) for j in jobs]
+        cfgs = cli.validate_jobs([j + ["train.epochs=1"] for j in jobs])
     except ConfigError:
-        cfgs = [cli.validate_job(j) for j in jobs]
+        cfgs = cli.validate_jobs(jobs)
     return list(zip(jobs, cfgs))
 
 

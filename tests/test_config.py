@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bnlab import cli
+from bnlab import cli, studies
 from bnlab.config import Config, ConfigError, flatten, to_plain
 from bnlab.roles import config_hash
 
@@ -34,19 +34,83 @@ def test_every_study_composes_and_its_sweep_keys_exist(study):
     assert any("bnlab-report study=" in l for l in text.splitlines()[:8])
     jobs, multirun = cli.expand_jobs([f"study={study}"])
     assert multirun and len(jobs) >= 2
-    cfgs = []
     for job in jobs:
         for o in job:
             key = o.split("=", 1)[0]
             if key in GROUPS:
                 continue
             assert key in SCHEMA_KEYS, f"{study}: sweep key {key} is not in the schema"
-        cfg = cli.validate_job(job)
-        assert isinstance(cfg, Config)
-        assert cfg.tracking.experiment == study and cfg.tracking.study == study
-        cfgs.append(cfg)
+    cfgs = cli.validate_jobs(jobs)
+    assert len(cfgs) == len(jobs) and all(isinstance(c, Config) for c in cfgs)
+    assert all(c.tracking.experiment == study and c.tracking.study == study for c in cfgs)
+    # the sweep's validation (one compose per set of group overrides) gives what a whole compose
+    # of the job gives: its first, a middle and its last job (every swept key changes between them)
+    for i in sorted({0, len(jobs) // 2, len(jobs) - 1}):
+        assert cfgs[i] == cli.validate_job(jobs[i]), (study, jobs[i])
     hashes = {config_hash(c) for c in cfgs}
     assert len(hashes) == len(jobs), "every grid point must have its own config hash"
+
+
+# Every kind of override Hydra distinguishes, in one sweep: config-group choices (several sets, so
+# several composes), values, additions (+, ++), deletion (~), interpolations, lists, dicts, null.
+MIXED = [
+    ["model=resnet20", "data=cifar10", "optim.lr=0.05"],
+    ["bn.momentum=0.01", "data.batch_size=32"],
+    ["model=resnet20", "data=cifar10", "seed=3", "bn.momentum=null", "bn.placement=after_act"],
+    ["model=custom", "model.target=mynets:Net", "+model.kwargs.width=4", "++model.kwargs.depth=2"],
+    ["model=custom", "model.target=mynets:Net", "+model.kwargs={a: 1, b: [2, 3]}"],
+    ["bn.decay=0.9", "seed=1"],
+    ["study=lr", "optim.lr=0.3", "seed=4"],
+    ["study=placement", "bn.placement=none", "model.activation=relu"],
+    ["data.batch_size=${train.epochs}", "bn.shadow_momenta=[0.01,0.2]"],
+    ["model={activation: relu}", "optim.momentum=0.5"],
+    ["model=custom", "model.target=mynets:Net", "+model.kwargs.width=3", "~model.kwargs.width"],
+    ["study=lr", "data=synthetic", "data.synthetic_train=64", "seed=4"],
+    [],
+]
+
+
+def test_a_sweeps_validation_is_each_jobs_own_compose():
+    cfgs = cli.validate_jobs(MIXED)
+    assert cfgs == [cli.validate_job(job) for job in MIXED]
+    assert [config_hash(c) for c in cfgs] == [config_hash(cli.validate_job(job)) for job in MIXED]
+    # the values reached each job, not the first job of its group set
+    assert (cfgs[0].optim.lr, cfgs[2].optim.lr, cfgs[2].seed, cfgs[2].bn.momentum) == (0.05, 0.1, 3, None)
+    assert cfgs[3].model.kwargs == {"width": 4, "depth": 2} and cfgs[4].model.kwargs == {"a": 1, "b": [2, 3]}
+    assert cfgs[8].data.batch_size == cfgs[8].train.epochs and cfgs[9].model.activation.value == "relu"
+    assert cfgs[10].model.kwargs == {}
+
+
+@pytest.mark.parametrize("bad", [
+    ["bn.momentum=7"], ["bn.foo=1"], ["+bn.foo=1"], ["data.batch_size=abc"], ["model=nosuch"],
+    ["bn.momentum=0.2", "bn.decay=0.9"], ["+bn.momentum=0.2"], ["~bn.nosuch"], ["seed=0,1"],
+    ["model@x=resnet20"], ["nosuch@x=1"], ["~optim.milestones"], ["~model.kwargs.width"],
+])
+def test_a_bad_job_in_a_sweep_fails_as_it_fails_alone(bad):
+    with pytest.raises(Exception) as alone:
+        cli.validate_job(bad)
+    with pytest.raises(Exception) as in_sweep:
+        cli.validate_jobs([["seed=1"], ["model=resnet20", "data=cifar10", "seed=2"], bad, ["seed=3"]])
+    assert type(in_sweep.value) is type(alone.value)
+    assert cli._error_line(in_sweep.value) == cli._error_line(alone.value)
+
+
+def test_a_sweeps_validation_sees_the_users_own_config_groups(tmp_path, monkeypatch):
+    # A user's config folder with a study and a config group of its own ("sched", which a value
+    # key of that name must not be mistaken for): its choices are group overrides, as in a compose.
+    conf = tmp_path / "conf"
+    (conf / "study").mkdir(parents=True)
+    (conf / "sched").mkdir()
+    (conf / "study" / "mine.yaml").write_text("# @package _global_\ntracking:\n  study: mine\noptim:\n  lr: 0.2\n")
+    (conf / "sched" / "fast.yaml").write_text("# @package _global_\noptim:\n  lr: 0.4\n  momentum: 0.5\n")
+    (conf / "sched" / "slow.yaml").write_text("# @package _global_\noptim:\n  lr: 0.01\n")
+    monkeypatch.setenv(studies.ENV, str(conf))
+    jobs = [["study=mine", "seed=0"], ["study=mine", "+sched=fast", "seed=1"], ["study=mine", "+sched=slow"],
+            ["study=mine", "+sched=fast", "optim.momentum=0.7"], ["+sched=slow", "optim.lr=0.03"]]
+    cfgs = cli.validate_jobs(jobs)
+    assert cfgs == [cli.validate_job(job) for job in jobs]
+    assert [c.optim.lr for c in cfgs] == [0.2, 0.4, 0.01, 0.4, 0.03]
+    assert [c.optim.momentum for c in cfgs[3:4]] == [0.7] and cfgs[1].optim.momentum == 0.5
 
 
 @pytest.mark.parametrize("study", STUDIES)
