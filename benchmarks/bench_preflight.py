@@ -13,6 +13,7 @@ Config objects (checked every round).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -23,9 +24,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--studies", default="")
     a = ap.parse_args()
-
-    import os
-
     os.environ.setdefault("BNLAB_HOME", tempfile.mkdtemp(prefix="bnlab-bench-"))
     from bnlab import cli
     from bnlab.config import register_configs

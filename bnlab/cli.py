@@ -211,9 +211,10 @@ def validate_jobs(jobs: Sequence[List[str]]) -> List[Config]:
                     values.append(p)
                 else:
                     group.append(o)
-            if tuple(group) not in bases:
-                bases[tuple(group)] = _unhydra(_compose_here(group, return_hydra_config=True))
-            dcfg = copy.deepcopy(bases[tuple(group)])
+            key = tuple(group)
+            if key not in bases:
+                bases[key] = _unhydra(_compose_here(group, return_hydra_config=True))
+            dcfg = copy.deepcopy(bases[key])
             ConfigLoaderImpl._apply_overrides_to_config(values, dcfg)  # as the compose would
             out.append(_to_config(dcfg))
     return out

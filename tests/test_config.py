@@ -72,8 +72,9 @@ MIXED = [
 
 def test_a_sweeps_validation_is_each_jobs_own_compose():
     cfgs = cli.validate_jobs(MIXED)
-    assert cfgs == [cli.validate_job(job) for job in MIXED]
-    assert [config_hash(c) for c in cfgs] == [config_hash(cli.validate_job(job)) for job in MIXED]
+    whole = [cli.validate_job(job) for job in MIXED]
+    assert cfgs == whole
+    assert [config_hash(c) for c in cfgs] == [config_hash(c) for c in whole]
     # the values reached each job, not the first job of its group set
     assert (cfgs[0].optim.lr, cfgs[2].optim.lr, cfgs[2].seed, cfgs[2].bn.momentum) == (0.05, 0.1, 3, None)
     assert cfgs[3].model.kwargs == {"width": 4, "depth": 2} and cfgs[4].model.kwargs == {"a": 1, "b": [2, 3]}
